@@ -1,0 +1,190 @@
+"""Figures for the book, matplotlib only.
+
+Every function builds a fresh :class:`matplotlib.figure.Figure` (not through
+``pyplot``, so nothing is shown twice or leaks between cells) and returns it;
+none calls ``plt.show()``. One palette across the book: PyTorch and Keras keep
+their colours, clipped and unclipped runs keep theirs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["PALETTE", "loss_curves", "gradient_flow", "norm_history", "lr_range_curve", "quadratic_trajectory",
+           "update_ratios"]
+
+#: Colours used everywhere in the book.
+PALETTE = {
+    "torch": "#EE4C2C",  # PyTorch orange-red
+    "keras": "#1F5FAD",  # Keras blue
+    "unclipped": "#D62728",
+    "clipped": "#2CA02C",
+    "threshold": "#555555",
+    "spike": "#9467BD",
+    "boundary": "#FF7F0E",
+}
+
+_CYCLE = ["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F"]
+
+
+def _color(label: str, i: int) -> str:
+    key = label.lower()
+    for name, colour in PALETTE.items():
+        if key.startswith(name) or key == name:
+            return colour
+    return _CYCLE[i % len(_CYCLE)]
+
+
+def _figure(figsize=(6.4, 3.6)):
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def loss_curves(curves: dict, title: str = "Training loss", logy: bool = True, blowup: float = 1e6,
+                styles: dict | None = None) -> Figure:
+    """Loss against step, one line per entry of ``curves`` (label -> losses).
+
+    A curve that becomes non-finite (or exceeds ``blowup``) is drawn up to its
+    last finite point and marked there with an ``x`` labelled "diverged at step
+    N", instead of silently ending.
+    """
+    from gradtools.maths import divergence_step
+
+    fig, ax = _figure()
+    styles = styles or {}
+    for i, (label, losses) in enumerate(curves.items()):
+        losses = np.asarray(losses, dtype=float)
+        steps = np.arange(len(losses))
+        color = _color(label, i)
+        d = divergence_step(losses, blowup=blowup)
+        shown = losses if d is None else losses[:d]
+        ax.plot(steps[: len(shown)], shown, label=label, color=color, **styles.get(label, {}))
+        if d is not None:
+            y = shown[-1] if len(shown) else 1.0
+            ax.plot([d], [y], marker="x", markersize=10, mew=2.5, color=color, linestyle="none",
+                    label=f"{label}: diverged at step {d}")
+            ax.annotate(f"non-finite at step {d}", (d, y), textcoords="offset points", xytext=(6, 6),
+                        color=color, fontsize=8)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss" + (" (log scale)" if logy else ""))
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def gradient_flow(series: dict, layer_names=None, title: str = "Gradient norm per layer") -> Figure:
+    """Per-layer gradient norms on a log scale; one series per framework or setting.
+
+    Args:
+        series: label -> sequence of per-layer norms (input side first).
+        layer_names: tick labels, default 1..L.
+    """
+    fig, ax = _figure()
+    n = 0
+    for i, (label, norms) in enumerate(series.items()):
+        norms = np.asarray(norms, dtype=float)
+        n = max(n, len(norms))
+        ax.plot(np.arange(1, len(norms) + 1), norms, marker="o", markersize=3, label=label, color=_color(label, i))
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (input side first)")
+    ax.set_ylabel("gradient norm (log scale)")
+    if layer_names is not None:
+        ax.set_xticks(np.arange(1, len(layer_names) + 1), labels=list(layer_names), rotation=90, fontsize=7)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def norm_history(norms, threshold=None, clipped=None, skipped=None, title: str = "Global gradient norm") -> Figure:
+    """Global norm per step with the clip threshold, clipped and skipped steps marked.
+
+    Args:
+        norms: the norm at each step (before clipping).
+        threshold: a number or a per-step sequence (adaptive policies).
+        clipped: boolean per step, or indices of clipped steps.
+        skipped: indices (or booleans) of skipped / spike steps.
+    """
+    fig, ax = _figure()
+    norms = np.asarray(norms, dtype=float)
+    steps = np.arange(len(norms))
+    finite = np.isfinite(norms)
+    ax.plot(steps[finite], norms[finite], color=PALETTE["unclipped"], label="norm before clipping", lw=1)
+    if threshold is not None:
+        thr = np.broadcast_to(np.asarray(threshold, dtype=float), norms.shape)
+        ax.plot(steps, np.where(np.isfinite(thr), thr, np.nan), color=PALETTE["threshold"], ls="--",
+                label="clip threshold")
+
+    def _idx(mask):
+        mask = np.asarray(mask)
+        return np.flatnonzero(mask) if mask.dtype == bool else mask.astype(int)
+
+    if clipped is not None and len(_idx(clipped)):
+        i = _idx(clipped)
+        ax.scatter(i, norms[i], color=PALETTE["clipped"], s=14, zorder=3, label="clipped step")
+    if skipped is not None and len(_idx(skipped)):
+        i = _idx(skipped)
+        y = np.where(np.isfinite(norms[i]), norms[i], np.nanmax(norms[finite]) if finite.any() else 1.0)
+        ax.scatter(i, y, color=PALETTE["spike"], marker="v", s=30, zorder=4, label="skipped step")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global gradient norm (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def lr_range_curve(lrs, losses, suggested_lr=None, title: str = "Learning-rate range test") -> Figure:
+    """Smoothed loss against learning rate (log x) with the suggested rate marked."""
+    fig, ax = _figure()
+    ax.plot(lrs, losses, color=PALETTE["torch"], label="smoothed loss")
+    if suggested_lr is not None:
+        ax.axvline(suggested_lr, color=PALETTE["threshold"], ls="--", label=f"suggested lr = {suggested_lr:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def quadratic_trajectory(A, trajectory, lr: float, title: str | None = None) -> Figure:
+    """GD iterates on the contours of ``x^T A x / 2`` (2-D), titled with lr against 2/lambda_max."""
+    A = np.asarray(A, dtype=float)
+    traj = np.asarray(trajectory, dtype=float)
+    lam_max = float(np.linalg.eigvalsh(A).max())
+    fig, ax = _figure(figsize=(5.0, 4.2))
+    finite = np.all(np.isfinite(traj), axis=1)
+    shown = traj[finite]
+    r = max(1.0, float(np.abs(traj[0]).max()) * 1.5)
+    g = np.linspace(-r, r, 121)
+    X, Y = np.meshgrid(g, g)
+    Z = 0.5 * (A[0, 0] * X**2 + 2 * A[0, 1] * X * Y + A[1, 1] * Y**2)
+    ax.contour(X, Y, Z, levels=12, colors="#BBBBBB", linewidths=0.7)
+    ax.plot(shown[:, 0], shown[:, 1], marker="o", markersize=3, color=PALETTE["torch"], lw=1, label="GD iterates")
+    ax.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none", label="minimum")
+    ax.set_xlim(-r, r)
+    ax.set_ylim(-r, r)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    verdict = "converges" if lr < 2 / lam_max else "diverges"
+    ax.set_title(title or f"lr = {lr:.3g}, 2/λmax = {2 / lam_max:.3g}: {verdict}")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def update_ratios(ratios: dict, title: str = "Update-to-weight ratio per layer") -> Figure:
+    """``||Δw|| / ||w||`` per step for each layer (label -> sequence), log scale, 1e-3 guide."""
+    fig, ax = _figure()
+    for i, (label, values) in enumerate(ratios.items()):
+        ax.plot(np.asarray(values, dtype=float), label=label, color=_CYCLE[i % len(_CYCLE)], lw=1)
+    ax.axhline(1e-3, color=PALETTE["threshold"], ls=":", label="1e-3 rule of thumb")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("update / weight norm (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+

@@ -1,0 +1,155 @@
+"""One set-up for every chapter, test and benchmark: seeds, determinism, quiet logs.
+
+Call :func:`setup` at the top of a notebook, before PyTorch or TensorFlow is
+imported anywhere. It
+
+* sets ``TF_CPP_MIN_LOG_LEVEL``, ``TF_ENABLE_ONEDNN_OPTS=0`` and
+  ``TF_DETERMINISTIC_OPS`` before TensorFlow can read them;
+* seeds Python, NumPy, and (if asked) PyTorch and Keras;
+* turns on each framework's deterministic mode;
+* imports TensorFlow with the C-level stderr silenced, because TensorFlow's C++
+  logging writes a few lines ("Could not find cuda drivers", "All log messages
+  before absl::InitializeLog()") before any environment variable takes effect,
+  and Jupyter kernels forward such lines into the notebook;
+* uses the inline matplotlib backend in a kernel (every Figure displays as PNG) and
+  Agg elsewhere.
+
+Example:
+    >>> from gradtools.runtime import setup
+    >>> info = setup(seed=0, frameworks=())
+    >>> info["seed"]
+    0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import warnings
+
+import numpy as np
+
+from gradtools import _checks
+
+__all__ = ["setup", "seed_everything", "import_keras", "quiet_stderr"]
+
+_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "TF_ENABLE_ONEDNN_OPTS": "0",
+    "TF_DETERMINISTIC_OPS": "1",
+    "TF_CUDNN_DETERMINISTIC": "1",
+    "KERAS_BACKEND": "tensorflow",
+    "PYTHONHASHSEED": "0",
+    # PyTorch: deterministic cuBLAS on GPUs; harmless on CPU.
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+}
+
+
+def _set_env() -> None:
+    for key, value in _ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the duration (C++ logs included)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real fd 2 (some embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_keras():
+    """Import and return ``keras`` (TensorFlow backend) without log noise."""
+    _set_env()
+    if "keras" in sys.modules and "tensorflow" in sys.modules:
+        return sys.modules["keras"]
+    with quiet_stderr(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import tensorflow as tf
+        import keras
+
+        tf.get_logger().setLevel("ERROR")
+        try:
+            from absl import logging as absl_logging
+
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        except ImportError:  # pragma: no cover
+            pass
+    return keras
+
+
+def seed_everything(seed: int = 0, frameworks=("torch", "keras")) -> None:
+    """Seed Python, NumPy and the named frameworks, and make them deterministic."""
+    seed = _checks.integer("seed", seed, minimum=0)
+    random.seed(seed)
+    np.random.seed(seed)
+    if "torch" in frameworks:
+        import torch
+
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    if "keras" in frameworks:
+        keras = import_keras()
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(seed)
+        tf.config.experimental.enable_op_determinism()
+
+
+def _setup_matplotlib() -> None:
+    """Agg outside a kernel; inside one, the inline backend (PNG repr for every Figure)."""
+    import matplotlib
+
+    try:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+    except ImportError:
+        ip = None
+    if ip is not None and getattr(ip, "kernel", None) is not None:
+        ip.run_line_magic("matplotlib", "inline")
+    else:
+        matplotlib.use("Agg")
+    matplotlib.rcParams.update({"figure.dpi": 80, "savefig.dpi": 80, "svg.hashsalt": "gradtools"})
+
+
+def setup(seed: int = 0, frameworks=("torch", "keras")) -> dict:
+    """Prepare a notebook or script: environment, seeds, determinism, plotting.
+
+    Args:
+        seed (int): the seed for every generator, default 0.
+        frameworks (tuple of str): any of ``"torch"`` and ``"keras"``.
+
+    Returns:
+        dict with the seed and the versions of what was set up (for a
+        reproducibility line at the top of a chapter).
+    """
+    unknown = set(frameworks) - {"torch", "keras"}
+    if unknown:
+        raise ValueError(f"frameworks must contain only 'torch' and 'keras', got {tuple(frameworks)!r}")
+    _set_env()
+    _setup_matplotlib()
+    seed_everything(seed, frameworks)
+    info = {"seed": seed, "numpy": np.__version__}
+    if "torch" in frameworks:
+        import torch
+
+        info["torch"] = torch.__version__
+    if "keras" in frameworks:
+        keras = import_keras()
+        info["keras"] = keras.__version__
+    return info

@@ -1,0 +1,27 @@
+"""gradtools for PyTorch: norms, clipping, guards, accumulation, LR range test, sharpness.
+
+The public names match :mod:`gradtools.keras` wherever the concept is shared.
+"""
+
+from gradtools.torch.accumulate import Accumulator
+from gradtools.torch.clip import (
+    ClipResult,
+    Clipper,
+    adaptive_clip_grad_,
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+)
+from gradtools.torch.guard import GradGuard, GuardResult, NonFiniteGradientError, TooManySkipsError
+from gradtools.torch.lr_range import LRRangeResult, lr_range_test
+from gradtools.torch.models import mlp, train_full_batch
+from gradtools.torch.monitor import Monitor
+from gradtools.torch.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios
+from gradtools.torch.sharpness import hessian_vector_product, top_hessian_eigenvalue
+
+__all__ = [
+    "Accumulator", "ClipResult", "Clipper", "GradGuard", "GradStats", "GuardResult", "LRRangeResult",
+    "Monitor", "NonFiniteGradientError", "TooManySkipsError", "adaptive_clip_grad_", "clip_grad_norm_",
+    "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "grad_stats", "hessian_vector_product",
+    "lr_range_test", "mlp", "snapshot", "top_hessian_eigenvalue", "train_full_batch", "update_ratios",
+]

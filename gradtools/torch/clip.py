@@ -1,0 +1,224 @@
+"""Gradient clipping: drop-in ``torch.nn.utils`` twins, AGC, and policy-driven clipping.
+
+* :func:`clip_grad_norm_` and :func:`clip_grad_value_` take the same arguments,
+  return the same values and have the same effect as their ``torch.nn.utils``
+  namesakes, but reject bad thresholds with a clear error instead of silently
+  zeroing or NaN-ing every gradient.
+* :func:`adaptive_clip_grad_` is unit-wise adaptive gradient clipping (AGC,
+  Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
+  Normalization").
+* :class:`Clipper` applies any policy from :mod:`gradtools.policies` and
+  reports the norm before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradtools import _checks
+from gradtools.policies import get_policy
+from gradtools.torch.norms import _foreach_norms, _named_parameters, _raise_nonfinite, _total, grad_stats, named_grads
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "adaptive_clip_grad_", "Clipper", "ClipResult"]
+
+
+def _grads_for_clip(parameters):
+    pairs = _named_parameters(parameters)
+    if not pairs:
+        raise ValueError("parameters is empty: there are no gradients to clip")
+    return [p.grad for _, p in pairs if p.grad is not None]
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None) -> None:
+    """Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)`` in place.
+
+    The coefficient is applied even when it is 1, which avoids a host sync on
+    accelerators (the same choice ``torch.nn.utils`` makes).
+    """
+    grads = _grads_for_clip(parameters)
+    if not grads:
+        return
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in groups.items():
+        use_foreach = foreach if foreach is not None else device.type in {"cpu", "cuda", "xpu", "mps"}
+        c = coef.to(device)
+        if use_foreach:
+            torch._foreach_mul_(group, c)
+        else:
+            for g in group:
+                g.mul_(c)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Clip the global gradient norm, like ``torch.nn.utils.clip_grad_norm_``.
+
+    ``g <- g * min(1, max_norm / (||g|| + 1e-6))`` where ``||g||`` is the norm of
+    all gradients together (Pascanu et al., 2013).
+
+    Args:
+        parameters: a Module, a Tensor, or an iterable of Tensors.
+        max_norm (float): positive finite threshold.
+        norm_type (float): p of the p-norm (``inf`` allowed), default 2.
+        error_if_nonfinite (bool): raise ``RuntimeError`` if the norm is nan/inf.
+        foreach (bool or None): use the foreach kernels (default: where supported).
+
+    Returns:
+        The total norm before clipping, a 0-d tensor.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 1)
+        >>> m(torch.ones(1, 2)).sum().backward()
+        >>> float(clip_grad_norm_(m, max_norm=0.5)) > 0.5
+        True
+    """
+    max_norm = _checks.positive("max_norm", max_norm)
+    norm_type = _checks.norm_type("norm_type", norm_type)
+    grads = _grads_for_clip(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    total = _total(_foreach_norms(grads, norm_type, foreach), norm_type)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        _raise_nonfinite(norm_type)
+    clip_grads_with_norm_(parameters, max_norm, total, foreach)
+    return total
+
+
+@torch.no_grad()
+def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None) -> None:
+    """Clamp every gradient entry to ``[-clip_value, clip_value]`` in place.
+
+    Same signature and effect as ``torch.nn.utils.clip_grad_value_``. Note that
+    value clipping changes the gradient's direction, unlike norm clipping.
+    """
+    clip_value = _checks.positive("clip_value", clip_value)
+    grads = _grads_for_clip(parameters)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in groups.items():
+        use_foreach = foreach if foreach is not None else device.type in {"cpu", "cuda", "xpu", "mps"}
+        if use_foreach:
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)
+        else:
+            for g in group:
+                g.clamp_(min=-clip_value, max=clip_value)
+
+
+def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    # Biases and gains: the whole vector is one unit. Weights: one unit per output
+    # row (dim 0), the norm taken over every other dimension (fan-in, kernel).
+    if x.ndim <= 1:
+        return x.norm(2)
+    return x.norm(2, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()) -> int:
+    """Unit-wise adaptive gradient clipping (AGC; Brock et al., 2021).
+
+    For every unit i (a row of a weight matrix, a filter of a convolution):
+    ``G_i <- G_i * min(1, clip_factor * max(||W_i||, eps) / ||G_i||)``.
+
+    Args:
+        parameters: a Module or iterable of Tensors or ``(name, tensor)`` pairs.
+        clip_factor (float): lambda, default 0.01 (the paper's value for batch size 4096;
+            larger batches want smaller values).
+        eps (float): floor on the weight norm so zero-initialised weights can move, default 1e-3.
+        exclude (iterable of str): names (or name prefixes) to leave alone; the paper
+            does not clip the final classifier, e.g. ``exclude=("fc",)``.
+
+    Returns:
+        The number of units whose gradient was scaled down.
+    """
+    clip_factor = _checks.positive("clip_factor", clip_factor)
+    eps = _checks.positive("eps", eps)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    pairs = _named_parameters(parameters)
+    if not pairs:
+        raise ValueError("parameters is empty: there are no gradients to clip")
+    clipped = torch.zeros((), dtype=torch.int64)
+    for name, p in pairs:
+        if p.grad is None or any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        max_norm = _unitwise_norm(p.detach()).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = _unitwise_norm(p.grad)
+        scale = (max_norm / grad_norm.clamp(min=1e-6)).clamp(max=1.0)
+        clipped = clipped + (scale < 1.0).sum().to(clipped.device)
+        p.grad.mul_(scale)
+    return int(clipped)
+
+
+@dataclass
+class ClipResult:
+    """What one call of a :class:`Clipper` did. Tensors stay on the device."""
+
+    norm_before: torch.Tensor
+    norm_after: torch.Tensor
+    threshold: float
+    clipped: bool
+
+
+class Clipper:
+    """Clip the global norm with any policy and report the norm before and after.
+
+    Args:
+        policy: a :class:`gradtools.policies.Policy`, a positive number
+            (fixed threshold), ``"autoclip"`` or ``"zclip"``.
+        norm_type (float): p of the p-norm, default 2.
+
+    Example:
+        >>> import torch
+        >>> from gradtools.policies import AutoClip
+        >>> m = torch.nn.Linear(2, 1)
+        >>> clipper = Clipper(AutoClip(percentile=10))
+        >>> m(torch.ones(1, 2)).sum().backward()
+        >>> r = clipper(m)
+        >>> r.clipped
+        False
+    """
+
+    def __init__(self, policy, norm_type: float = 2.0):
+        self.policy = get_policy(policy)
+        self.norm_type = _checks.norm_type("norm_type", norm_type)
+
+    def __repr__(self):
+        return f"Clipper({self.policy!r}, norm_type={self.norm_type})"
+
+    @torch.no_grad()
+    def __call__(self, parameters, stats=None) -> ClipResult:
+        names, grads = named_grads(parameters)
+        total = stats.total if stats is not None else grad_stats(parameters, self.norm_type, count_nonfinite=False).total
+        # The policy needs the norm as a number: one host sync per step, inherent to
+        # adaptive thresholds (a fixed threshold could avoid it, but then use clip_grad_norm_).
+        threshold = self.policy.step(float(total))
+        clipped = bool(total > threshold)
+        if clipped:
+            clip_grads_with_norm_(grads, threshold, total)
+            after = torch.linalg.vector_norm(torch.stack(_foreach_norms(grads, self.norm_type, None)), self.norm_type)
+        else:
+            after = total
+        return ClipResult(total, after, threshold, clipped)
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "norm_type": self.norm_type}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "policy" not in state_dict:
+            raise ValueError(f"state_dict must be a dict with a 'policy' key, got {state_dict!r}")
+        self.policy.load_state_dict(state_dict["policy"])

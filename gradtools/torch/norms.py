@@ -1,0 +1,214 @@
+"""Gradient statistics in one foreach pass, kept on the device.
+
+``grad_stats`` gives, from a single ``torch._foreach_norm`` over the gradients,
+the per-parameter norms (keyed by module path), the global norm (the norm of the
+per-parameter norms, exactly as ``torch.nn.utils.get_total_norm`` computes it)
+and the number of non-finite entries per parameter. Nothing is copied to the
+host: read a field with ``float()`` / ``.tolist()`` or call ``as_dict()`` when a
+human needs the numbers.
+
+The non-finite count uses ``||0 * g||_0``: multiplying by zero maps finite
+entries to 0 and inf/nan to nan, and the 0-"norm" counts the non-zeros. Both are
+foreach kernels, so the count costs two passes regardless of the number of
+parameters and never forces a host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from gradtools import _checks
+
+__all__ = ["named_grads", "grad_stats", "get_total_norm", "GradStats", "snapshot", "update_ratios"]
+
+
+def _named_parameters(parameters, arg: str = "parameters") -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) pairs from a Module, a tensor, or an iterable of tensors or pairs."""
+    if isinstance(parameters, torch.nn.Module):
+        pairs = list(parameters.named_parameters())
+    elif isinstance(parameters, torch.Tensor):
+        pairs = [("0", parameters)]
+    elif isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
+        raise TypeError(
+            f"{arg} must be a torch.nn.Module, a Tensor or an iterable of Tensors, got {type(parameters).__name__}"
+        )
+    else:
+        pairs = []
+        for i, item in enumerate(parameters):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                name, p = item
+            else:
+                name, p = str(i), item
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{arg}[{i}] must be a Tensor, got {type(p).__name__}")
+            pairs.append((name, p))
+    return pairs
+
+
+def named_grads(parameters, arg: str = "parameters", *, require_grads: bool = True):
+    """Names and gradients of the parameters that have a gradient.
+
+    Raises ``ValueError`` naming ``arg`` if there are no parameters, or (with
+    ``require_grads``) if none of them has a gradient.
+    """
+    pairs = _named_parameters(parameters, arg)
+    if not pairs:
+        raise ValueError(f"{arg} is empty: there are no parameters to measure")
+    kept = [(n, p.grad) for n, p in pairs if p.grad is not None]
+    if require_grads and not kept:
+        raise ValueError(
+            f"{arg} has {len(pairs)} parameter(s) but none has a gradient: call loss.backward() first"
+        )
+    return [n for n, _ in kept], [g for _, g in kept]
+
+
+def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> list[torch.Tensor]:
+    """Per-tensor norms, grouped by device and dtype like torch.nn.utils does."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (device, _), idx in groups.items():
+        group = [tensors[i] for i in idx]
+        use_foreach = foreach if foreach is not None else device.type in {"cpu", "cuda", "xpu", "mps"}
+        norms = torch._foreach_norm(group, norm_type) if use_foreach else [
+            torch.linalg.vector_norm(t, norm_type) for t in group
+        ]
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+def _total(norms: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    first = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+
+
+def _raise_nonfinite(norm_type: float) -> None:
+    raise RuntimeError(
+        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+        "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+        "anyway, set `error_if_nonfinite=False`"
+    )
+
+
+@torch.no_grad()
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None):
+    """Norm of an iterable of tensors, as if concatenated into one vector.
+
+    Same signature, result and errors as ``torch.nn.utils.get_total_norm``,
+    except that ``norm_type`` is validated. An empty iterable gives ``tensor(0.)``.
+    """
+    norm_type = _checks.norm_type("norm_type", norm_type)
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    if not tensors:
+        return torch.tensor(0.0)
+    total = _total(_foreach_norms(tensors, norm_type, foreach), norm_type)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        _raise_nonfinite(norm_type)
+    return total
+
+
+@dataclass
+class GradStats:
+    """Gradient statistics of one step; tensors stay on the device until read.
+
+    Attributes:
+        names: module paths of the parameters that had a gradient.
+        norms: 1-d tensor of per-parameter norms, in ``names`` order.
+        total: 0-d tensor, the global norm.
+        nonfinite: 1-d int64 tensor of non-finite entry counts, or None if not asked for.
+        norm_type: the p of the p-norm.
+    """
+
+    names: list
+    norms: torch.Tensor
+    total: torch.Tensor
+    nonfinite: torch.Tensor | None
+    norm_type: float = 2.0
+
+    def as_dict(self) -> dict:
+        """Plain Python numbers (one host sync)."""
+        out = {
+            "total_norm": float(self.total),
+            "norms": dict(zip(self.names, self.norms.tolist())),
+        }
+        if self.nonfinite is not None:
+            out["nonfinite"] = dict(zip(self.names, self.nonfinite.tolist()))
+        return out
+
+    def first_nonfinite(self) -> str | None:
+        """Module path of the first parameter with a non-finite entry, or None."""
+        if self.nonfinite is not None:
+            bad = torch.nonzero(self.nonfinite).flatten().tolist()
+        else:
+            bad = torch.nonzero(~torch.isfinite(self.norms)).flatten().tolist()
+        return self.names[bad[0]] if bad else None
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.total))
+
+
+@torch.no_grad()
+def grad_stats(parameters, norm_type: float = 2.0, count_nonfinite: bool = True, foreach: bool | None = None) -> GradStats:
+    """Global and per-parameter gradient norms (and non-finite counts) in one pass.
+
+    Args:
+        parameters: an ``nn.Module`` (names are module paths such as
+            ``"layers.3.weight"``), or an iterable of tensors or of
+            ``(name, tensor)`` pairs.
+        norm_type (float): p of the p-norm, default 2; ``inf`` allowed.
+        count_nonfinite (bool): also count inf/nan entries per parameter, default True.
+        foreach (bool or None): as in ``torch.nn.utils``.
+
+    Returns:
+        GradStats whose ``total`` equals ``torch.nn.utils.get_total_norm`` of the grads.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(3, 1)
+        >>> m(torch.ones(2, 3)).sum().backward()
+        >>> s = grad_stats(m)
+        >>> s.names
+        ['weight', 'bias']
+        >>> round(float(s.total), 4)
+        4.0
+    """
+    norm_type = _checks.norm_type("norm_type", norm_type)
+    names, grads = named_grads(parameters)
+    norms = _foreach_norms(grads, norm_type, foreach)
+    stacked = torch.stack([n.to(norms[0].device) for n in norms])
+    total = torch.linalg.vector_norm(stacked, norm_type)
+    nonfinite = None
+    if count_nonfinite:
+        zeroed = torch._foreach_mul(grads, 0.0)
+        counts = torch._foreach_norm(zeroed, 0)
+        nonfinite = torch.stack([c.to(stacked.device) for c in counts]).to(torch.int64)
+    return GradStats(names, stacked, total, nonfinite, norm_type)
+
+
+@torch.no_grad()
+def snapshot(parameters) -> list[torch.Tensor]:
+    """Copies of the parameters' values (one foreach copy), for :func:`update_ratios`."""
+    params = [p for _, p in _named_parameters(parameters)]
+    return torch._foreach_mul(params, 1.0)
+
+
+@torch.no_grad()
+def update_ratios(parameters, before: list[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
+    """``||w_after - w_before|| / (||w_before|| + eps)`` per parameter, as a 1-d tensor.
+
+    A healthy ratio for Adam-like training is around 1e-3 (Karpathy's rule of
+    thumb); ratios near 1 mean a step rewrote the weights.
+    """
+    params = [p for _, p in _named_parameters(parameters)]
+    if len(params) != len(before):
+        raise ValueError(f"before holds {len(before)} tensors but parameters has {len(params)}")
+    diffs = torch._foreach_sub(params, before)
+    num = torch.stack(torch._foreach_norm(diffs, 2.0))
+    den = torch.stack(torch._foreach_norm(before, 2.0))
+    return num / (den + eps)
+

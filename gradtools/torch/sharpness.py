@@ -1,0 +1,62 @@
+"""Sharpness: the top eigenvalue of the loss Hessian, by power iteration on HVPs.
+
+Gradient descent with learning rate ``lr`` is stable on a quadratic only if
+``lambda_max < 2 / lr``. For neural networks, Cohen et al. (2021, "Gradient
+Descent on Neural Networks Typically Occurs at the Edge of Stability") observed
+that full-batch GD drives ``lambda_max`` up to about ``2 / lr`` and keeps it
+there. This module measures ``lambda_max`` with Hessian-vector products
+(double back-propagation, Pearlmutter 1994), never forming the Hessian.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradtools import _checks
+
+__all__ = ["hessian_vector_product", "top_hessian_eigenvalue"]
+
+
+def hessian_vector_product(loss: torch.Tensor, params: list, vector: list) -> list:
+    """``H v`` for the Hessian of ``loss`` with respect to ``params``."""
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    dot = sum((g * v).sum() for g, v in zip(grads, vector))
+    return list(torch.autograd.grad(dot, params, retain_graph=True))
+
+
+def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
+    """Largest-magnitude Hessian eigenvalue of ``loss_fn(model)`` by power iteration.
+
+    Args:
+        model (torch.nn.Module): the model; its parameters are not changed.
+        loss_fn (callable): ``loss_fn(model) -> 0-d tensor`` on a fixed batch.
+        iters (int): maximum iterations, default 20.
+        tol (float): stop when the relative change of the estimate is below this.
+        seed (int): seed of the random start vector.
+
+    Returns:
+        The eigenvalue estimate (a Python float).
+    """
+    iters = _checks.integer("iters", iters, minimum=1)
+    tol = _checks.positive("tol", tol)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameters that require grad")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+    norm = torch.sqrt(sum((x * x).sum() for x in v))
+    v = [x / norm for x in v]
+    loss = loss_fn(model)
+    estimate = 0.0
+    for _ in range(iters):
+        hv = hessian_vector_product(loss, params, v)
+        new = float(sum((h * x).sum() for h, x in zip(hv, v)))
+        norm = torch.sqrt(sum((h * h).sum() for h in hv))
+        if float(norm) == 0.0:
+            return 0.0
+        v = [h / norm for h in hv]
+        if abs(new - estimate) <= tol * max(abs(new), 1e-12):
+            estimate = new
+            break
+        estimate = new
+    return estimate
