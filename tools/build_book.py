@@ -3,7 +3,9 @@
 The book is built into _build/staging; only a build that succeeds replaces
 _build/html, so a failed build never leaves a partial book that looks complete.
 Executed notebooks are cached in _build/.jupyter_cache: a rebuild with nothing
-changed re-executes nothing. On failure the executing cell's traceback (from
+changed re-executes nothing. Sphinx itself always starts from a fresh
+environment (--all): an incremental Sphinx build only reports the warnings of
+the files it re-reads, and -W must see all of them. On failure the executing cell's traceback (from
 myst-nb's reports) is printed with the notebook's path.
 """
 
@@ -34,7 +36,7 @@ def main() -> int:
         return 1
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", PYTHONWARNINGS="ignore")
     jb = os.path.join(os.path.dirname(sys.executable), "jupyter-book")
-    cmd = [jb, "build", ROOT, "--path-output", STAGING, "-W", "--keep-going"]
+    cmd = [jb, "build", ROOT, "--path-output", STAGING, "-W", "--keep-going", "--all"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True)
     staged = os.path.join(STAGING, "_build", "html")
     if proc.returncode != 0 or not os.path.exists(os.path.join(staged, "index.html")):

@@ -116,12 +116,10 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
 class GradStats:
     """Gradient statistics of one step; tensors stay on the device until read.
 
-    Attributes:
-        names: module paths of the parameters that had a gradient.
-        norms: 1-d tensor of per-parameter norms, in ``names`` order.
-        total: 0-d tensor, the global norm.
-        nonfinite: 1-d int64 tensor of non-finite entry counts, or None if not asked for.
-        norm_type: the p of the p-norm.
+    ``names`` are the module paths of the parameters that had a gradient;
+    ``norms`` is a 1-d tensor of their norms in that order; ``total`` is the
+    0-d global norm; ``nonfinite`` a 1-d int64 tensor of non-finite entry
+    counts (None if not asked for); ``norm_type`` the p of the p-norm.
     """
 
     names: list
