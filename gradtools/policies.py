@@ -278,7 +278,9 @@ class SpikeDetector(Policy):
     """Flag a step whose gradient norm (and optionally loss) is an outlier.
 
     Keeps the last ``window`` accepted values. Once ``min_history`` values are
-    there, a value is a spike when ``(x - mean) / (std + eps) > z_thresh``.
+    there, a value is a spike when ``(x - mean) / (std + eps) > z_thresh`` and
+    ``x > min_ratio * mean``: the second condition keeps a flat history, whose
+    standard deviation is tiny, from flagging ordinary noise.
     Non-finite values are always spikes. Spikes are not added to the window, so
     one bad step does not raise the bar for the next. This is the test behind
     "skip the step" in large-scale training (OLMo-core skips on a z-score of
@@ -288,6 +290,7 @@ class SpikeDetector(Policy):
         window (int): values remembered, default 100.
         z_thresh (float): z-score above which a value is a spike, default 6.0.
         min_history (int): values needed before anything but non-finite is flagged, default 10.
+        min_ratio (float): a spike is also at least this multiple of the window mean, default 1.5.
         eps (float): added to the standard deviation, default 1e-12.
 
     Example:
@@ -298,20 +301,23 @@ class SpikeDetector(Policy):
 
     _state_keys = ("norms", "losses", "spikes")
 
-    def __init__(self, window: int = 100, z_thresh: float = 6.0, min_history: int = 10, eps: float = 1e-12):
+    def __init__(self, window: int = 100, z_thresh: float = 6.0, min_history: int = 10, min_ratio: float = 1.5,
+                 eps: float = 1e-12):
         super().__init__()
         self.window = _checks.integer("window", window, minimum=2)
         self.z_thresh = _checks.positive("z_thresh", z_thresh)
         self.min_history = _checks.integer("min_history", min_history, minimum=2)
         if self.min_history > self.window:
             raise ValueError(f"min_history must be <= window ({self.window}), got {min_history!r}")
+        self.min_ratio = _checks.non_negative("min_ratio", min_ratio)
         self.eps = _checks.positive("eps", eps)
         self.norms: deque = deque(maxlen=self.window)
         self.losses: deque = deque(maxlen=self.window)
         self.spikes = 0
 
     def get_config(self) -> dict:
-        return {"window": self.window, "z_thresh": self.z_thresh, "min_history": self.min_history, "eps": self.eps}
+        return {"window": self.window, "z_thresh": self.z_thresh, "min_history": self.min_history,
+                "min_ratio": self.min_ratio, "eps": self.eps}
 
     def _load_state(self, state):
         self.norms = deque((float(x) for x in state["norms"]), maxlen=self.window)
@@ -329,7 +335,9 @@ class SpikeDetector(Policy):
         if not math.isfinite(value):
             return True
         z = self.zscore(value, history)
-        return math.isfinite(z) and z > self.z_thresh
+        if not (math.isfinite(z) and z > self.z_thresh):
+            return False
+        return value > self.min_ratio * float(np.mean(np.fromiter(history, dtype=np.float64)))
 
     def step(self, norm, loss=None) -> bool:
         """Record ``norm`` (and ``loss``) and return True if this step is a spike."""

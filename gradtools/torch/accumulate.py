@@ -8,9 +8,10 @@ micro-batches of unequal size and for a partial last window (a fixed
 
 Clipping, the guard and statistics run once, at the boundary, on the
 accumulated gradient: clipping each micro-batch's gradient would clip a
-different quantity. Under ``DistributedDataParallel`` the non-boundary
-backward passes run inside ``model.no_sync()``, so gradients are all-reduced
-once per window.
+different quantity. Under ``DistributedDataParallel`` wrap each micro-batch's
+forward *and* backward in ``with acc.accumulate(batch_size):``: DDP decides in
+the forward pass whether the backward will all-reduce, so ``no_sync()`` must
+already be active there. Gradients are then all-reduced once per window.
 
 Note that accumulation changes nothing about *stability*: the update equals
 the large-batch update, so a learning rate that explodes at batch size B*k
@@ -49,6 +50,12 @@ class Accumulator:
         False
         >>> acc.backward(m(x[2:]).pow(2).mean(), batch_size=2)
         True
+
+    With DistributedDataParallel (works without it too)::
+
+        for xb, yb in loader:
+            with acc.accumulate(batch_size=len(xb)):
+                acc.backward(loss_fn(model(xb), yb))
     """
 
     def __init__(self, model, optimizer, accumulation_steps: int, clipper=None, guard=None, reduction: str = "mean"):
@@ -67,29 +74,55 @@ class Accumulator:
         self.optimizer_steps = 0
         self.last_clip = None
         self.last_guard = None
+        self._pending = None  # (batch_size, boundary) inside accumulate()
 
     @property
     def _ddp(self) -> bool:
         return isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
 
-    def backward(self, loss: torch.Tensor, batch_size: int, last: bool = False) -> bool:
+    @contextlib.contextmanager
+    def accumulate(self, batch_size: int, last: bool = False):
+        """Context for one micro-batch: forward and ``backward`` go inside.
+
+        On a non-boundary micro-batch of a DDP model it enters ``model.no_sync()``.
+        """
+        batch_size = _checks.integer("batch_size", batch_size, minimum=1)
+        boundary = bool(last) or self.micro_step + 1 == self.accumulation_steps
+        ctx = self.model.no_sync() if (self._ddp and not boundary) else contextlib.nullcontext()
+        self._pending = (batch_size, boundary)
+        try:
+            with ctx:
+                yield self
+            if self._pending is not None:
+                raise RuntimeError("the accumulate() block ended without calling acc.backward(loss)")
+        finally:
+            self._pending = None
+
+    def backward(self, loss: torch.Tensor, batch_size: int | None = None, last: bool = False) -> bool:
         """Back-propagate one micro-batch; step at the window's end. Returns True if it stepped.
 
         Args:
             loss: the micro-batch loss (a mean over its samples if reduction="mean").
-            batch_size (int): samples in this micro-batch.
+            batch_size (int): samples in this micro-batch (taken from ``accumulate()`` inside one).
             last (bool): this is the final micro-batch of the data; close the window
                 even if it is not full.
         """
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise TypeError(f"loss must be a 0-d tensor, got {type(loss).__name__} "
                             f"with shape {tuple(getattr(loss, 'shape', ()))}")
-        batch_size = _checks.integer("batch_size", batch_size, minimum=1)
-        boundary = last or self.micro_step + 1 == self.accumulation_steps
+        if self._pending is not None:
+            batch_size, boundary = self._pending
+            self._pending = None
+        else:
+            if self._ddp:
+                raise RuntimeError("model is DistributedDataParallel: run the forward and backward inside "
+                                   "`with acc.accumulate(batch_size):` so that no_sync() covers the forward pass")
+            if batch_size is None:
+                raise TypeError("batch_size must be an int, got None")
+            batch_size = _checks.integer("batch_size", batch_size, minimum=1)
+            boundary = bool(last) or self.micro_step + 1 == self.accumulation_steps
         weight = float(batch_size) if self.reduction == "mean" else 1.0
-        ctx = self.model.no_sync() if (self._ddp and not boundary) else contextlib.nullcontext()
-        with ctx:
-            (loss * weight).backward()
+        (loss * weight).backward()
         self.micro_step += 1
         self.samples += batch_size
         if boundary:

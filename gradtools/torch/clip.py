@@ -209,7 +209,7 @@ class Clipper:
         threshold = self.policy.step(float(total))
         clipped = bool(total > threshold)
         if clipped:
-            clip_grads_with_norm_(grads, threshold, total)
+            clip_grads_with_norm_(parameters, threshold, total)
             after = torch.linalg.vector_norm(torch.stack(_foreach_norms(grads, self.norm_type, None)), self.norm_type)
         else:
             after = total

@@ -1,0 +1,85 @@
+"""The repository's contract: layout, light import, one version, consistent environments."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import yaml
+
+from conftest import ROOT
+
+
+def test_layout():
+    for path in ["_config.yml", "_toc.yml", "README.md", "chapters", "gradtools", "tests", "environment.yml",
+                 "pyproject.toml", "Makefile", ".ci/run", "references.bib", "intro.md"]:
+        assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+def test_import_is_light():
+    code = ("import sys, time; t = time.perf_counter(); import gradtools, gradtools.policies, gradtools.maths, "
+            "gradtools.data, gradtools.models; print(time.perf_counter() - t); "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'matplotlib', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[1] == "[]", out
+
+
+def test_version_in_one_place():
+    pyproject = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    import gradtools
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+", gradtools.__version__)
+    from importlib.metadata import version
+
+    assert version("gradtools") == gradtools.__version__
+
+
+def _requirement_names(reqs):
+    return {re.split(r"[<>=!~\[ ;@]", r, maxsplit=1)[0].lower(): r.replace(" ", "") for r in reqs}
+
+
+def test_environment_yml_matches_pyproject():
+    pyproject = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    env = yaml.safe_load(open(os.path.join(ROOT, "environment.yml")))
+    deps = env["dependencies"]
+    assert "python=3.11" in deps
+    pip_section = next(d["pip"] for d in deps if isinstance(d, dict))
+    extras = pyproject["project"]["optional-dependencies"]
+    # The pip section installs the repository itself with every extra...
+    local = [p for p in pip_section if p.startswith("-e .")]
+    assert local and set(re.search(r"\[(.*)\]", local[0]).group(1).split(",")) == set(extras)
+    # ...and pins the same packages with the same bounds as pyproject.toml.
+    expected = _requirement_names(pyproject["project"]["dependencies"] + [r for rs in extras.values() for r in rs])
+    listed = _requirement_names([p for p in pip_section if not p.startswith("-e")])
+    assert listed == expected
+
+
+def test_toc_lists_every_chapter():
+    toc = yaml.safe_load(open(os.path.join(ROOT, "_toc.yml")))
+    files = {c["file"] for part in toc["parts"] for c in part["chapters"]}
+    chapters = {os.path.splitext(os.path.relpath(p, ROOT))[0] for p in glob.glob(os.path.join(ROOT, "chapters", "*.ipynb"))}
+    assert chapters and chapters <= files
+
+
+def test_every_chapter_installs_gradtools_from_the_configured_repository():
+    config = yaml.safe_load(open(os.path.join(ROOT, "_config.yml")))
+    url = config["repository"]["url"]
+    for path in glob.glob(os.path.join(ROOT, "chapters", "*.ipynb")):
+        nb = json.load(open(path))
+        first = next(c for c in nb["cells"] if c["cell_type"] == "code")
+        src = "".join(first["source"])
+        assert "import gradtools" in src and "except ImportError" in src, path
+        assert f"git+{url}" in src, f"{path}: Colab install cell does not use {url}"
+        setup = [c for c in nb["cells"] if c["cell_type"] == "code"][1]
+        assert "setup(" in "".join(setup["source"]), f"{path}: second code cell must call gradtools.runtime.setup"
+
+
+def test_bibliography_has_the_required_papers():
+    bib = open(os.path.join(ROOT, "references.bib")).read()
+    for key in ["pascanu2013", "glorot2010", "he2015", "kingma2015", "smith2017", "goyal2017", "zhang2020",
+                "cohen2021", "brock2021", "seetharaman2020", "kumar2025zclip"]:
+        assert key in bib, key

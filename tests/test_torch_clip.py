@@ -1,0 +1,158 @@
+"""gradtools.torch clipping and norms against torch.nn.utils itself."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradtools.torch as gt
+from gradtools.policies import AutoClip, ZClip
+from torch_helpers import backward, tiny_mlp
+
+shapes = st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=3), min_size=1, max_size=6)
+
+
+def _grads(shape_list, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(tuple(s), generator=g) * scale for s in shape_list]
+
+
+def _params(grads):
+    out = []
+    for gr in grads:
+        p = torch.nn.Parameter(torch.zeros_like(gr))
+        p.grad = gr.clone()
+        out.append(p)
+    return out
+
+
+@given(shapes, st.integers(0, 2**16), st.sampled_from([1e-3, 1.0, 1e3]), st.sampled_from([2.0, math.inf, 1.0, 3.0]),
+       st.floats(1e-3, 1e3), st.sampled_from([None, True, False]))
+def test_clip_grad_norm_parity(shape_list, seed, scale, norm_type, max_norm, foreach):
+    grads = _grads(shape_list, seed, scale)
+    ours, ref = _params(grads), _params(grads)
+    n_ours = gt.clip_grad_norm_(ours, max_norm, norm_type=norm_type, foreach=foreach)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type=norm_type, foreach=foreach)
+    torch.testing.assert_close(n_ours, n_ref, rtol=1e-6, atol=0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12)
+    total = gt.get_total_norm(grads, norm_type=norm_type, foreach=foreach)
+    torch.testing.assert_close(total, torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=foreach),
+                               rtol=1e-6, atol=0)
+
+
+@given(shapes, st.integers(0, 2**16), st.floats(1e-3, 10.0), st.sampled_from([None, True, False]))
+def test_clip_grad_value_parity(shape_list, seed, clip_value, foreach):
+    grads = _grads(shape_list, seed, 3.0)
+    ours, ref = _params(grads), _params(grads)
+    assert gt.clip_grad_value_(ours, clip_value, foreach=foreach) is None
+    torch.nn.utils.clip_grad_value_(ref, clip_value, foreach=foreach)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.grad, b.grad)
+
+
+@given(shapes, st.integers(0, 2**16))
+def test_grad_stats_total_equals_torch(shape_list, seed):
+    grads = _grads(shape_list, seed, 1.0)
+    params = _params(grads)
+    stats = gt.grad_stats([(f"p{i}", p) for i, p in enumerate(params)])
+    torch.testing.assert_close(stats.total, torch.nn.utils.get_total_norm(grads), rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats.norms, torch.stack([g.norm() for g in grads]), rtol=1e-6, atol=0)
+    assert stats.names == [f"p{i}" for i in range(len(grads))]
+    assert stats.nonfinite.tolist() == [0] * len(grads)
+
+
+def test_nonfinite_counts_and_names():
+    m = tiny_mlp()
+    backward(m)
+    m[0].weight.grad[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    m[2].bias.grad[1] = math.nan
+    s = gt.grad_stats(m)
+    assert s.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert s.nonfinite.tolist() == [3, 0, 0, 1]
+    assert s.first_nonfinite() == "0.weight"
+    assert not s.is_finite()
+    d = s.as_dict()
+    assert d["nonfinite"]["2.bias"] == 1 and math.isnan(d["total_norm"])
+
+
+def test_error_if_nonfinite_matches_torch():
+    m = tiny_mlp()
+    backward(m)
+    m[0].weight.grad[0, 0] = math.inf
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gt.clip_grad_norm_(m, 1.0, error_if_nonfinite=True)
+
+
+def test_update_ratios():
+    m = tiny_mlp()
+    before = gt.snapshot(m)
+    with torch.no_grad():
+        m[0].weight.mul_(1.5)
+    r = gt.update_ratios(m, before)
+    assert r[0].item() == pytest.approx(0.5, rel=1e-6)
+    assert r[1].item() == 0.0
+
+
+def test_agc_unitwise():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))  # row norms 5 and 0
+    w.grad = torch.tensor([[30.0, 40.0], [1.0, 0.0]])  # row grad norms 50 and 1
+    n = gt.adaptive_clip_grad_([("w", w)], clip_factor=0.1, eps=1e-3)
+    assert n == 2
+    torch.testing.assert_close(w.grad[0].norm(), torch.tensor(0.5))  # 0.1 * 5
+    torch.testing.assert_close(w.grad[1].norm(), torch.tensor(1e-4))  # 0.1 * eps
+    fc = torch.nn.Parameter(torch.ones(2, 2))
+    fc.grad = torch.full((2, 2), 100.0)
+    gt.adaptive_clip_grad_([("fc.weight", fc)], exclude=("fc",))
+    assert torch.equal(fc.grad, torch.full((2, 2), 100.0))
+
+
+@pytest.mark.parametrize("policy", [1.0, AutoClip(percentile=50), ZClip(warmup_steps=3)])
+def test_clipper_reports_before_and_after(policy):
+    m = tiny_mlp()
+    clipper = gt.Clipper(policy)
+    results = []
+    for step in range(8):
+        backward(m, seed=step, scale=100.0 if step == 6 else 1.0)
+        results.append(clipper(m))
+    spike = results[6]
+    assert spike.clipped and float(spike.norm_after) == pytest.approx(spike.threshold, rel=1e-4)
+    assert float(spike.norm_before) > spike.threshold
+    for r in results:
+        if not r.clipped:
+            assert torch.equal(r.norm_before, r.norm_after)
+
+
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda m: gt.clip_grad_norm_(m, 0), ValueError, "max_norm must be a positive finite number, got 0"),
+    (lambda m: gt.clip_grad_norm_(m, -1.0), ValueError, "max_norm must be a positive finite number, got -1.0"),
+    (lambda m: gt.clip_grad_norm_(m, math.nan), ValueError, "max_norm must be a positive finite number, got nan"),
+    (lambda m: gt.clip_grad_norm_(m, math.inf), ValueError, "max_norm must be a positive finite number, got inf"),
+    (lambda m: gt.clip_grad_norm_(m, "1"), TypeError, "max_norm must be a real number, got '1'"),
+    (lambda m: gt.clip_grad_norm_(m, 1.0, norm_type=-2), ValueError, "norm_type must be a positive number or inf, got -2"),
+    (lambda m: gt.clip_grad_norm_([], 1.0), ValueError, "parameters is empty"),
+    (lambda m: gt.clip_grad_norm_(42, 1.0), TypeError, "parameters must be a torch.nn.Module, a Tensor or an iterable"),
+    (lambda m: gt.clip_grad_norm_([1.0, 2.0], 1.0), TypeError, r"parameters\[0\] must be a Tensor, got float"),
+    (lambda m: gt.clip_grad_value_(m, 0.0), ValueError, "clip_value must be a positive finite number, got 0.0"),
+    (lambda m: gt.adaptive_clip_grad_(m, clip_factor=-0.01), ValueError, "clip_factor must be a positive finite number"),
+    (lambda m: gt.grad_stats(tiny_mlp(1)), ValueError, "none has a gradient: call loss.backward"),
+    (lambda m: gt.Clipper("never"), ValueError, "policy must be a Policy"),
+    (lambda m: gt.GradGuard(m, "sgd"), TypeError, "optimizer must be a torch.optim.Optimizer, got str"),
+    (lambda m: gt.GradGuard(m, torch.optim.SGD(m.parameters(), lr=0.1), action="ignore"), ValueError,
+     r"action must be one of \['raise', 'skip', 'zero'\], got 'ignore'"),
+    (lambda m: gt.Accumulator(m, torch.optim.SGD(m.parameters(), lr=0.1), accumulation_steps=0), ValueError,
+     "accumulation_steps must be an int >= 1, got 0"),
+    (lambda m: gt.Monitor(m, every=0), ValueError, "every must be an int >= 1, got 0"),
+])
+def test_bad_input(call, exc, message):
+    m = tiny_mlp()
+    backward(m)
+    before = [p.grad.clone() for p in m.parameters()]
+    with pytest.raises(exc, match=message):
+        call(m)
+    for p, g in zip(m.parameters(), before):  # nothing was touched
+        assert torch.equal(p.grad, g)

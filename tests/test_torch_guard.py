@@ -1,0 +1,132 @@
+"""GradGuard: fault injection, bit-identical skips, raise messages, GradScaler."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradtools.torch as gt
+from gradtools.policies import SpikeDetector
+from torch_helpers import assert_bit_identical, backward, state_copy, tiny_mlp
+
+faults = st.tuples(
+    st.sampled_from(["nan", "inf", "-inf", "spike"]),
+    st.integers(0, 3),  # parameter index
+    st.integers(0, 10**6),  # entry (mod numel)
+    st.integers(3, 12),  # step at which to inject
+    st.sampled_from(["sgd", "adam", "momentum"]),
+)
+
+
+def _optimizer(kind, model):
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-2)
+    if kind == "momentum":
+        return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, nesterov=True)
+    return torch.optim.SGD(model.parameters(), lr=1e-2)
+
+
+@settings(max_examples=200)
+@given(faults)
+def test_fault_injection_skip_is_bit_identical(fault):
+    kind, index, entry, at, opt_kind = fault
+    model = tiny_mlp()
+    opt = _optimizer(opt_kind, model)
+    guard = gt.GradGuard(model, opt, action="skip",
+                         spike=SpikeDetector(window=20, z_thresh=6.0, min_history=3))
+    for step in range(15):
+        backward(model, seed=step)
+        if step == at:
+            p = list(model.parameters())[index]
+            value = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "spike": 1e6}[kind]
+            p.grad.view(-1)[entry % p.numel()] = value
+            before = state_copy(model, opt)
+            result = guard.step()
+            assert not result.stepped and result.reason == ("spike" if kind == "spike" else "nonfinite")
+            assert_bit_identical(before, state_copy(model, opt))
+        else:
+            assert guard.step().stepped
+        opt.zero_grad(set_to_none=True)
+    assert guard.skipped == 1 and guard.consecutive_skips == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # training went on
+
+
+def test_raise_names_parameter_and_step():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gt.GradGuard(model, opt, action="raise")
+    for _ in range(2):
+        backward(model)
+        guard.step()
+    backward(model)
+    model[2].weight.grad[0, 1] = math.nan
+    model[2].bias.grad[0] = math.inf
+    with pytest.raises(gt.NonFiniteGradientError, match=r"at step 3: first in parameter '2.weight' \(2 non-finite"):
+        guard.step()
+
+
+def test_zero_replaces_bad_entries_and_steps():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gt.GradGuard(model, opt, action="zero")
+    backward(model)
+    model[0].bias.grad[2] = math.nan
+    expected_bias = model[0].bias.detach().clone()
+    expected_bias -= 0.1 * torch.nan_to_num(model[0].bias.grad, nan=0.0)
+    result = guard.step()
+    assert result.stepped and result.reason == "zeroed"
+    torch.testing.assert_close(model[0].bias.detach(), expected_bias)
+
+
+def test_too_many_consecutive_skips():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gt.GradGuard(model, opt, max_consecutive_skips=3)
+    for _ in range(2):
+        backward(model)
+        model[0].weight.grad.fill_(math.nan)
+        assert not guard.step().stepped
+    backward(model)
+    model[0].weight.grad.fill_(math.nan)
+    with pytest.raises(gt.TooManySkipsError, match="skipped 3 consecutive steps"):
+        guard.step()
+
+
+def test_grad_scaler_overflow_lowers_scale_and_keeps_weights():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = gt.GradGuard(model, opt, scaler=scaler, clipper=gt.Clipper(1.0))
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    model[0].weight.grad[0, 0] = math.inf
+    before = state_copy(model, opt)
+    result = guard.step()
+    assert result.reason == "overflow" and guard.overflows == 1
+    assert scaler.get_scale() == 2.0**9
+    assert_bit_identical(before, state_copy(model, opt))
+    # A clean step afterwards: unscaled once, clipped to 1, then stepped.
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).mean() * 1e4).backward()
+    w0 = model[0].weight.detach().clone()
+    result = guard.step()
+    assert result.stepped
+    assert float(gt.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(1.0, rel=1e-4)
+    assert not torch.equal(w0, model[0].weight)
+
+
+def test_guard_state_round_trip():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g1 = gt.GradGuard(model, opt, spike=SpikeDetector(window=5, min_history=2))
+    for s in range(4):
+        backward(model, seed=s)
+        g1.step()
+    g2 = gt.GradGuard(model, opt, spike=SpikeDetector(window=5, min_history=2))
+    g2.load_state_dict(g1.state_dict())
+    assert g2.state_dict() == g1.state_dict()
+    with pytest.raises(ValueError, match="missing key 'steps'"):
+        g2.load_state_dict({})
