@@ -3,7 +3,9 @@
 Every function builds a fresh :class:`matplotlib.figure.Figure` (not through
 ``pyplot``, so nothing is shown twice or leaks between cells) and returns it;
 none calls ``plt.show()``. One palette across the book: PyTorch and Keras keep
-their colours, clipped and unclipped runs keep theirs.
+their colours, clipped and unclipped runs keep theirs. A label that names a
+clipping state ("clipped", "unclipped") takes that colour; otherwise a label
+naming a framework takes the framework's; line styles tell the rest apart.
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ _CYCLE = ["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E3
 
 
 def _color(label: str, i: int) -> str:
+    """Colour by meaning: clipping state first ("unclipped"/"clipped"), then framework."""
     key = label.lower()
-    for name, colour in PALETTE.items():
-        if key.startswith(name) or key == name:
-            return colour
+    if "unclipped" in key:
+        return PALETTE["unclipped"]
+    if "clipped" in key:
+        return PALETTE["clipped"]
+    if "keras" in key:
+        return PALETTE["keras"]
+    if "torch" in key:
+        return PALETTE["torch"]
     return _CYCLE[i % len(_CYCLE)]
 
 

@@ -164,8 +164,6 @@ class Slider:
         if self._widget is not None:
             return self._widget
         import ipywidgets as W
-        from IPython.display import display
-
         controls = []
         for name, values in self.knobs.items():
             lo, hi = float(min(values)), float(max(values))
@@ -183,16 +181,18 @@ class Slider:
         out = W.Output()
 
         def render(_=None):
+            # Set the Output widget's outputs directly rather than capturing prints:
+            # capture is routed by the frontend, this works in any frontend and in tests.
             kwargs = {c.description: c.value for c in controls}
             fig, text, summary = _split(self.fn(**kwargs))
-            out.clear_output(wait=True)
-            with out:
-                if fig is not None:
-                    display(fig)
-                if text is not None:
-                    print(text)
-                if summary:
-                    print("; ".join(f"{k}: {_fmt(v)}" for k, v in summary.items()))
+            outputs = []
+            if fig is not None:
+                outputs.append({"output_type": "display_data", "metadata": {},
+                                "data": {"image/png": _png(fig, self.dpi), "text/plain": repr(fig)}})
+            lines = [t for t in (text, "; ".join(f"{k}: {_fmt(v)}" for k, v in summary.items())) if t]
+            if lines:
+                outputs.append({"output_type": "stream", "name": "stdout", "text": "\n".join(lines) + "\n"})
+            out.outputs = tuple(outputs)
 
         for c in controls:
             c.observe(render, names="value")

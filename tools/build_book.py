@@ -18,14 +18,20 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGING = os.path.join(ROOT, "_build", "staging")
-FINAL = os.path.join(ROOT, "_build", "html")
+import argparse
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=os.path.dirname(TOOLS), help="the book's folder (default: the repository)")
+    ROOT = os.path.abspath(parser.parse_args(argv).root)
+    STAGING = os.path.join(ROOT, "_build", "staging")
+    FINAL = os.path.join(ROOT, "_build", "html")
     start = time.time()
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    os.chdir(ROOT)
+    sys.path.insert(0, TOOLS)
     import check_notebooks
 
     problems = [p for path in sorted(glob.glob(os.path.join(ROOT, "chapters", "**", "*.ipynb"), recursive=True))
@@ -35,6 +41,8 @@ def main() -> int:
         print("book NOT built: fix the notebooks above", file=sys.stderr)
         return 1
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", PYTHONWARNINGS="ignore")
+    # Sphinx never deletes outputs of pages that left the book: start the HTML afresh.
+    shutil.rmtree(os.path.join(STAGING, "_build", "html"), ignore_errors=True)
     jb = os.path.join(os.path.dirname(sys.executable), "jupyter-book")
     cmd = [jb, "build", ROOT, "--path-output", STAGING, "-W", "--keep-going", "--all"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True)
