@@ -13,6 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= torch,keras,book,test
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?=
+NOTEBOOKS  ?= chapters
 
 .PHONY: install book test unit nbval browser lab clean
 
@@ -39,7 +40,7 @@ nbval: $(STAMP)
 	$(PY) tools/check_notebooks.py
 	$(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=180 \
-	    -n 2 --dist loadfile chapters $(PYTEST_ARGS)
+	    -n 2 --dist loadfile $(NOTEBOOKS) $(PYTEST_ARGS)
 
 test: unit browser nbval
 
