@@ -58,3 +58,20 @@ def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip
     model.compile(optimizer=opt, loss=_loss(loss))
     hist = model.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0)
     return [float(v) for v in hist.history["loss"]]
+
+
+def grad_stats(model, x, y, loss: str = "mse") -> dict:
+    """Per-variable and global gradient norms of ``loss`` on one batch (eager, for inspection).
+
+    Returns ``{"names": [variable paths], "norms": array, "total_norm": float}``,
+    the same quantities as ``gradtools.torch.grad_stats``.
+    """
+    import tensorflow as tf
+
+    fn = _loss(loss)
+    with tf.GradientTape() as tape:
+        value = fn(y, model(x, training=True))
+    grads = tape.gradient(value, model.trainable_variables)
+    norms = np.array([float(tf.norm(tf.cast(g, tf.float32))) for g in grads])
+    return {"names": [v.path for v in model.trainable_variables], "norms": norms,
+            "total_norm": float(np.sqrt((norms**2).sum())), "grads": [g.numpy() for g in grads]}

@@ -16,19 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradtools import _checks
+from gradtools.guard import NonFiniteGradientError, StepDecider, TooManySkipsError
 from gradtools.policies import SpikeDetector
 from gradtools.torch.norms import GradStats, grad_stats
 
 __all__ = ["GradGuard", "NonFiniteGradientError", "TooManySkipsError", "GuardResult"]
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient held inf or nan, and the guard was told to raise."""
-
-
-class TooManySkipsError(RuntimeError):
-    """The guard skipped more consecutive steps than it was allowed to."""
 
 
 @dataclass
@@ -40,6 +32,9 @@ class GuardResult:
 
 class GradGuard:
     """Guard ``optimizer.step()`` against non-finite or spiking gradients.
+
+    The decision itself is :class:`gradtools.guard.StepDecider`'s, shared with
+    ``gradtools.keras``; this class measures, zeroes and steps.
 
     Args:
         model (torch.nn.Module): names parameters by module path in messages.
@@ -70,75 +65,47 @@ class GradGuard:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
-        self.action = _checks.choice("action", action, {"skip", "raise", "zero"})
-        if spike is not None and not isinstance(spike, SpikeDetector):
-            raise TypeError(f"spike must be a gradtools.policies.SpikeDetector or None, got {type(spike).__name__}")
-        self.spike = spike
-        self.max_consecutive_skips = _checks.integer("max_consecutive_skips", max_consecutive_skips, minimum=1)
+        self.decider = StepDecider(action, spike, max_consecutive_skips)
         self.scaler = scaler
         self.clipper = clipper
-        self.steps = 0
-        self.skipped = 0
         self.overflows = 0
-        self.consecutive_skips = 0
+
+    # Counters live in the shared decider.
+    steps = property(lambda self: self.decider.steps)
+    skipped = property(lambda self: self.decider.skipped)
+    consecutive_skips = property(lambda self: self.decider.consecutive_skips)
 
     def state_dict(self) -> dict:
-        state = {"steps": self.steps, "skipped": self.skipped, "overflows": self.overflows,
-                 "consecutive_skips": self.consecutive_skips}
-        if self.spike is not None:
-            state["spike"] = self.spike.state_dict()
-        return state
+        return {**self.decider.state_dict(), "overflows": self.overflows}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        for key in ("steps", "skipped", "overflows", "consecutive_skips"):
-            if key not in state_dict:
-                raise ValueError(f"state_dict is missing key {key!r} for GradGuard")
-            setattr(self, key, _checks.integer(f"state_dict[{key!r}]", state_dict[key], minimum=0))
-        if self.spike is not None:
-            if "spike" not in state_dict:
-                raise ValueError("state_dict has no 'spike' state but this GradGuard has a SpikeDetector")
-            self.spike.load_state_dict(state_dict["spike"])
-
-    def _skip(self, reason: str, stats: GradStats) -> GuardResult:
-        self.skipped += 1
-        self.consecutive_skips += 1
-        if self.consecutive_skips >= self.max_consecutive_skips:
-            raise TooManySkipsError(
-                f"skipped {self.consecutive_skips} consecutive steps (last at step {self.steps}, reason: {reason}); "
-                f"max_consecutive_skips={self.max_consecutive_skips}. Lower the learning rate or inspect the data."
-            )
-        return GuardResult(False, reason, stats)
+        self.decider.load_state_dict(state_dict)
+        self.overflows = int(state_dict.get("overflows", 0))
 
     @torch.no_grad()
     def step(self) -> GuardResult:
         """Check the gradients, then step the optimizer or skip. Returns what happened."""
-        self.steps += 1
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         stats = grad_stats(self.model)
-        finite = stats.is_finite()
-        if not finite and self.scaler is not None and self.action != "raise":
+        first_bad = None if stats.is_finite() else (stats.first_nonfinite() or "<overflow>")
+        if first_bad is not None and self.scaler is not None and self.decider.action != "raise":
             # Dynamic loss scaling overflow: the scaler skips the step and lowers the scale.
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.overflows += 1
-            return self._skip("overflow", stats)
-        if not finite:
-            if self.action == "raise":
-                name = stats.first_nonfinite() or "<unknown>"
-                count = int(stats.nonfinite.sum())
-                raise NonFiniteGradientError(
-                    f"non-finite gradient at step {self.steps}: first in parameter {name!r} "
-                    f"({count} non-finite entries in all)"
-                )
-            if self.action == "skip":
-                return self._skip("nonfinite", stats)
+            self.decider.skip("overflow")
+            return GuardResult(False, "overflow", stats)
+        bad_count = int(stats.nonfinite.sum()) if first_bad is not None else 0
+        decision = self.decider.decide(float(stats.total), first_bad, bad_count)
+        if decision.reason == "zero":
             for p in self.model.parameters():
                 if p.grad is not None:
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
             stats = grad_stats(self.model)
-        elif self.spike is not None and self.spike.step(float(stats.total)):
-            return self._skip("spike", stats)
+            decision = self.decider.after_zeroing(float(stats.total))
+        if not decision.proceed:
+            return GuardResult(False, decision.reason, stats)
         if self.clipper is not None:
             self.clipper(self.model, stats=stats)
         if self.scaler is not None:
@@ -146,5 +113,4 @@ class GradGuard:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.consecutive_skips = 0
-        return GuardResult(True, "ok" if finite else "zeroed", stats)
+        return GuardResult(True, decision.reason, stats)

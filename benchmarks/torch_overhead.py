@@ -1,0 +1,137 @@
+"""Overhead of gradtools' statistics, measured side by side in one process.
+
+Prints ratios (gradtools / baseline); each pair is timed in alternation over
+several rounds and the median of the per-round ratios is reported, so that
+drift in machine load affects both sides alike.
+
+    .venv/bin/python benchmarks/torch_overhead.py [--device cuda] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import gradtools.torch as gt
+
+
+def mlp(depth=12, width=256):
+    layers = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+
+
+def transformer(d=128, layers=2):
+    enc = torch.nn.TransformerEncoderLayer(d_model=d, nhead=4, dim_feedforward=4 * d, batch_first=True, dropout=0.0)
+    return torch.nn.Sequential(torch.nn.TransformerEncoder(enc, num_layers=layers), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(10))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_steps(model, opt, x, y, steps, monitor=None):
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if monitor is not None:
+            monitor.record()
+        opt.step()
+    _sync(x.device)
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t
+
+
+def ratio(base, candidate, rounds):
+    base()
+    candidate()  # warm-up
+    ratios = []
+    for r in range(rounds):
+        if r % 2:
+            b, c = timed(base), timed(candidate)
+        else:
+            c, b = timed(candidate), timed(base)
+        ratios.append(c / b)
+    return statistics.median(ratios), b, c
+
+
+def bench_training(name, model, x, y, steps, rounds):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    mon = gt.Monitor(model, every=1, count_nonfinite=True)
+    r, b, c = ratio(lambda: train_steps(model, opt, x, y, steps),
+                    lambda: train_steps(model, opt, x, y, steps, mon), rounds)
+    print(f"{name}: monitor every step (global + per-parameter norms + non-finite counts) "
+          f"vs bare training: {r:.3f}x  ({1e3 * b / steps:.2f} ms vs {1e3 * c / steps:.2f} ms per step)")
+    return r
+
+
+def bench_norms(model, x, y, reps, rounds):
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    device = x.device
+
+    def total_only():
+        for _ in range(reps):
+            torch.nn.utils.get_total_norm(grads)
+        _sync(device)
+
+    def ours():
+        for _ in range(reps):
+            gt.grad_stats(model, count_nonfinite=False)
+        _sync(device)
+
+    def ours_with_counts():
+        for _ in range(reps):
+            gt.grad_stats(model)
+        _sync(device)
+
+    def item_loop():
+        for _ in range(reps):
+            norms = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+            sum(v * v for v in norms.values()) ** 0.5
+
+    r1, b, c = ratio(total_only, ours, rounds)
+    print(f"gradtools global + per-parameter norms vs torch.nn.utils.get_total_norm alone: {r1:.3f}x "
+          f"({1e6 * b / reps:.0f} us vs {1e6 * c / reps:.0f} us)")
+    r2, _, c2 = ratio(total_only, ours_with_counts, rounds)
+    print(f"  ... with non-finite counts as well: {r2:.3f}x ({1e6 * c2 / reps:.0f} us)")
+    r3, b3, c3 = ratio(item_loop, ours, rounds)
+    print(f"gradtools (one foreach pass, no host sync) vs per-parameter .norm().item() loop: {r3:.3f}x "
+          f"({1e6 * c3 / reps:.0f} us vs {1e6 * b3 / reps:.0f} us): {1 / r3:.1f} times faster")
+    return r1, r2, r3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
+    m = mlp().to(device)
+    x = torch.randn(256, 256, device=device)
+    y = torch.randint(0, 10, (256,), device=device)
+    bench_training("12-layer 256-wide MLP, batch 256", m, x, y, args.steps, args.rounds)
+    t = transformer().to(device)
+    xt = torch.randn(16, 32, 128, device=device)
+    yt = torch.randint(0, 10, (16,), device=device)
+    t(xt)  # materialise the lazy layer
+    bench_training("2-layer Transformer encoder (d=128, seq 32, batch 16)", t, xt, yt, args.steps, args.rounds)
+    bench_norms(m, x, y, reps=200, rounds=args.rounds)
+
+
+if __name__ == "__main__":
+    main()

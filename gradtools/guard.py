@@ -1,0 +1,125 @@
+"""The guard's decision, framework-free: step, skip, or raise.
+
+Both backends measure the gradients (global norm, the first variable with a
+non-finite entry, how many such entries) and ask a :class:`StepDecider` what to
+do. The decider also asks the clipping policy for this step's threshold, so a
+skipped step never enters the policy's history.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gradtools import _checks
+from gradtools.policies import SpikeDetector, get_policy
+
+__all__ = ["StepDecider", "Decision", "NonFiniteGradientError", "TooManySkipsError", "ACTIONS"]
+
+ACTIONS = {"skip", "raise", "zero"}
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held inf or nan, and the guard was told to raise."""
+
+
+class TooManySkipsError(RuntimeError):
+    """The guard skipped more consecutive steps than it was allowed to."""
+
+
+@dataclass
+class Decision:
+    proceed: bool
+    reason: str  # "ok", "zeroed", "nonfinite", "spike"
+    threshold: float  # clip threshold for this step (inf: do not clip)
+
+
+class StepDecider:
+    """Decide, from a step's gradient statistics, whether to take the step.
+
+    Args:
+        action (str): on a non-finite gradient: ``"skip"``, ``"raise"`` or
+            ``"zero"`` (the caller zeroes the bad entries and re-measures).
+        spike (SpikeDetector or None): also skip steps whose norm is a spike.
+        max_consecutive_skips (int): raise ``TooManySkipsError`` after this many in a row.
+        policy: clipping policy (see :func:`gradtools.policies.get_policy`) or None.
+        kind (str): "parameter" or "variable", used in messages.
+    """
+
+    def __init__(self, action: str = "skip", spike: SpikeDetector | None = None, max_consecutive_skips: int = 10,
+                 policy=None, kind: str = "parameter"):
+        self.action = _checks.choice("action", action, ACTIONS)
+        if spike is not None and not isinstance(spike, SpikeDetector):
+            raise TypeError(f"spike must be a gradtools.policies.SpikeDetector or None, got {type(spike).__name__}")
+        self.spike = spike
+        self.max_consecutive_skips = _checks.integer("max_consecutive_skips", max_consecutive_skips, minimum=1)
+        self.policy = None if policy is None else get_policy(policy)
+        self.kind = kind
+        self.steps = 0
+        self.skipped = 0
+        self.consecutive_skips = 0
+
+    def _skip(self, reason: str) -> Decision:
+        self.skipped += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise TooManySkipsError(
+                f"skipped {self.consecutive_skips} consecutive steps (last at step {self.steps}, reason: {reason}); "
+                f"max_consecutive_skips={self.max_consecutive_skips}. Lower the learning rate or inspect the data."
+            )
+        return Decision(False, reason, math.inf)
+
+    def skip(self, reason: str) -> Decision:
+        """Record a step skipped for a reason found by the caller (e.g. a loss-scale overflow)."""
+        self.steps += 1
+        return self._skip(reason)
+
+    def after_zeroing(self, norm: float) -> Decision:
+        """Second half of a ``"zero"`` decision: the bad entries were zeroed, ``norm`` re-measured."""
+        return self._finish(norm, zeroed=True)
+
+    def decide(self, norm: float, first_bad: str | None = None, bad_count: int = 0) -> Decision:
+        """``norm``: the global norm; ``first_bad``: name of the first non-finite variable, or None.
+
+        A decision with reason ``"zero"`` asks the caller to zero the non-finite
+        entries, re-measure the norm and call :meth:`after_zeroing`.
+        """
+        self.steps += 1
+        if first_bad is not None:
+            if self.action == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradient at step {self.steps}: first in {self.kind} {first_bad!r} "
+                    f"({bad_count} non-finite entries in all)"
+                )
+            if self.action == "skip":
+                return self._skip("nonfinite")
+            return Decision(True, "zero", math.inf)
+        return self._finish(norm, zeroed=False)
+
+    def _finish(self, norm: float, zeroed: bool) -> Decision:
+        if self.spike is not None and not zeroed and self.spike.step(norm):
+            return self._skip("spike")
+        threshold = self.policy.step(norm) if self.policy is not None else math.inf
+        self.consecutive_skips = 0
+        return Decision(True, "zeroed" if zeroed else "ok", threshold)
+
+    def state_dict(self) -> dict:
+        state = {"steps": self.steps, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
+        if self.spike is not None:
+            state["spike"] = self.spike.state_dict()
+        if self.policy is not None:
+            state["policy"] = self.policy.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("steps", "skipped", "consecutive_skips"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict is missing key {key!r}")
+            setattr(self, key, _checks.integer(f"state_dict[{key!r}]", state_dict[key], minimum=0))
+        for key, obj in (("spike", self.spike), ("policy", self.policy)):
+            if obj is not None:
+                if key not in state_dict:
+                    raise ValueError(f"state_dict has no {key!r} state but this guard has one")
+                obj.load_state_dict(state_dict[key])

@@ -1,0 +1,311 @@
+"""``GradOptimizer``: gradient statistics, clipping policies, a guard and accumulation for any Keras optimizer.
+
+Wrap any Keras 3 optimizer and train with plain ``model.fit()``: no custom
+``train_step``. Inside the compiled train step, at every optimizer step, the
+wrapper
+
+1. measures the global and per-variable gradient norms and the non-finite
+   entries per variable (in the graph);
+2. asks the same framework-free objects as ``gradtools.torch`` what to do: a
+   :class:`gradtools.guard.StepDecider` (skip, raise, or zero; spike detection)
+   and a clipping policy from :mod:`gradtools.policies` (fixed, AutoClip,
+   ZClip). They are called once per step through ``tf.py_function``, so the
+   maths exists once and both frameworks take identical decisions;
+3. clips to the policy's global-norm threshold (like ``torch.nn.utils.clip_grad_norm_``)
+   and, optionally, unit-wise (AGC);
+4. applies the inner optimizer, or skips inside ``ops.cond``: on a skipped step
+   neither the weights nor the inner optimizer's variables (moments, iteration
+   counter) change.
+
+The statistics live in the wrapper's variables; :class:`GradientLogger` copies
+them into the batch and epoch ``logs`` (so ``History``, ``CSVLogger`` and
+TensorBoard see them).
+
+Accumulation (``accumulation_steps``) happens in the wrapper: micro-batch
+gradients are averaged, and everything above runs once per window, on the
+accumulated gradient. The inner optimizer's ``iterations`` therefore counts
+optimizer steps, so a learning-rate schedule (warm-up!) sees the right step,
+unlike Keras' own ``gradient_accumulation_steps``, whose schedules count
+micro-batches (see :func:`accumulation_aware`).
+
+Requirements: a non-XLA train function (``jit_compile=False``; automatic when
+``gradtools.runtime.setup`` turned on determinism). Policy state (AutoClip
+history, ZClip statistics) is kept in Python and is not written into ``.keras``
+files; the configuration is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradtools import _checks
+from gradtools.guard import StepDecider
+from gradtools.policies import Policy, SpikeDetector, get_policy
+from gradtools.runtime import import_keras
+
+keras = import_keras()
+import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
+
+__all__ = ["GradOptimizer", "accumulation_aware"]
+
+
+def _policy_config(policy):
+    if policy is None or isinstance(policy, (int, float, str)):
+        return policy
+    if isinstance(policy, Policy):
+        return {"type": type(policy).__name__, "config": policy.get_config()}
+    raise TypeError(f"clip must be None, a positive number, 'autoclip', 'zclip' or a Policy, got {policy!r}")
+
+
+def _policy_from_config(config):
+    if isinstance(config, dict):
+        from gradtools import policies
+
+        cls = getattr(policies, config["type"])
+        return cls.from_config(config["config"])
+    return config
+
+
+@keras.saving.register_keras_serializable(package="gradtools")
+class GradOptimizer(keras.optimizers.Optimizer):
+    """Wrap a Keras optimizer with gradient statistics, clipping, a guard and accumulation.
+
+    Args:
+        inner_optimizer (keras.optimizers.Optimizer): the optimizer that updates the weights.
+        clip: None (no clipping), a positive number (fixed global-norm threshold),
+            ``"autoclip"``, ``"zclip"``, or a :mod:`gradtools.policies` policy.
+        agc (float or None): AGC clip factor (unit-wise clipping, Brock et al. 2021), default None.
+        agc_eps (float): AGC floor on weight norms, default 1e-3.
+        action (str): on a non-finite gradient: ``"skip"`` (default), ``"raise"`` or ``"zero"``.
+        spike (SpikeDetector or None): also skip steps whose global norm is a spike.
+        max_consecutive_skips (int): stop training with an error after this many skips in a row.
+        accumulation_steps (int): micro-batches per optimizer step, default 1.
+
+    Example:
+        >>> import keras, gradtools.keras as gk
+        >>> opt = gk.GradOptimizer(keras.optimizers.Adam(1e-3), clip="zclip")
+        >>> opt.inner_optimizer.__class__.__name__
+        'Adam'
+    """
+
+    def __init__(self, inner_optimizer, clip=None, agc=None, agc_eps=1e-3, action="skip", spike=None,
+                 max_consecutive_skips=10, accumulation_steps=1, name=None, **kwargs):
+        if kwargs:
+            raise ValueError(f"GradOptimizer does not take {sorted(kwargs)}: set them on the inner_optimizer")
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(f"inner_optimizer must be a keras.optimizers.Optimizer, got "
+                            f"{type(inner_optimizer).__name__}")
+        if getattr(inner_optimizer, "gradient_accumulation_steps", None):
+            raise ValueError("inner_optimizer has gradient_accumulation_steps set: use "
+                             "GradOptimizer(accumulation_steps=...) instead, so that clipping, statistics and "
+                             "learning-rate schedules see whole optimizer steps")
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.clip = _policy_config(clip)
+        self.policy = None if clip is None else get_policy(clip)
+        self.agc = None if agc is None else _checks.positive("agc", agc)
+        self.agc_eps = _checks.positive("agc_eps", agc_eps)
+        if isinstance(spike, dict):
+            spike = SpikeDetector.from_config(spike)
+        self.decider = StepDecider(action, spike, max_consecutive_skips, self.policy, kind="variable")
+        self.accumulation_steps = _checks.integer("accumulation_steps", accumulation_steps, minimum=1)
+        self._var_names: list[str] = []
+
+    # ------------------------------------------------------------------ state
+    def build(self, var_list):
+        self._var_names = [v.path for v in var_list]
+        n = len(var_list)
+        zeros = keras.initializers.Zeros()
+        with keras.name_scope(self.name, caller=self):
+            self.norm_before = self.add_variable((), initializer=zeros, dtype="float32", name="grad_norm")
+            self.norm_after = self.add_variable((), initializer=zeros, dtype="float32", name="grad_norm_clipped")
+            self.threshold = self.add_variable((), initializer=keras.initializers.Constant(math.inf), dtype="float32", name="clip_threshold")
+            self.layer_norms = self.add_variable((n,), initializer=zeros, dtype="float32", name="layer_grad_norms")
+            self.nonfinite = self.add_variable((n,), initializer=zeros, dtype="float32", name="nonfinite_counts")
+            self.skipped = self.add_variable((), initializer=zeros, dtype="float32", name="skipped_steps")
+            self.last_skipped = self.add_variable((), initializer=zeros, dtype="float32", name="last_step_skipped")
+            self.micro_step = self.add_variable((), initializer=zeros, dtype="int64", name="micro_step")
+            self.accumulators = ([self.add_variable_from_reference(v, name="accumulator") for v in var_list]
+                                 if self.accumulation_steps > 1 else [])
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        if hasattr(self, "inner_optimizer"):
+            self.inner_optimizer.learning_rate = value
+
+    def _get_current_learning_rate(self):
+        return self.inner_optimizer._get_current_learning_rate()
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    @property
+    def variable_names(self) -> list:
+        """Keras variable paths, in the order of ``layer_grad_norms`` (e.g. ``"sequential/dense_0/kernel"``)."""
+        return list(self._var_names)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        spike = self.decider.spike
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "clip": self.clip,
+            "agc": self.agc,
+            "agc_eps": self.agc_eps,
+            "action": self.decider.action,
+            "spike": None if spike is None else spike.get_config(),
+            "max_consecutive_skips": self.decider.max_consecutive_skips,
+            "accumulation_steps": self.accumulation_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
+        config["clip"] = _policy_from_config(config.get("clip"))
+        return cls(inner, **config)
+
+    # ------------------------------------------------------------------ the step
+    def _decide(self, total, counts):
+        """Host side, once per optimizer step: the shared guard and policy."""
+        counts = np.asarray(counts)
+        bad = np.flatnonzero(counts)
+        first = self._var_names[bad[0]] if len(bad) else None
+        d = self.decider.decide(float(total), first, int(counts.sum()))
+        if d.reason == "zero":
+            return np.float32(math.inf), np.int32(2)
+        return np.float32(d.threshold), np.int32(1 if d.proceed else 0)
+
+    def _after_zeroing(self, total):
+        d = self.decider.after_zeroing(float(total))
+        return np.float32(d.threshold), np.int32(1 if d.proceed else 0)
+
+    @staticmethod
+    def _norms(grads):
+        norms = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32")))) for g in grads])
+        return norms, ops.sqrt(ops.sum(ops.square(norms)))
+
+    def _agc(self, grads, variables):
+        out = []
+        for g, v in zip(grads, variables):
+            w = ops.cast(v, g.dtype)
+            if len(g.shape) <= 1:
+                axes, keep = None, False
+            else:  # Keras kernels are (..., fan_in, fan_out): one unit per output column
+                axes, keep = tuple(range(len(g.shape) - 1)), True
+            w_norm = ops.maximum(ops.sqrt(ops.sum(ops.square(w), axis=axes, keepdims=keep)), self.agc_eps)
+            g_norm = ops.maximum(ops.sqrt(ops.sum(ops.square(g), axis=axes, keepdims=keep)), 1e-6)
+            out.append(g * ops.minimum(1.0, self.agc * w_norm / g_norm))
+        return out
+
+    def _apply_window(self, grads, trainable_variables):
+        norms, total = self._norms(grads)
+        counts = ops.stack([ops.sum(ops.cast(ops.logical_not(ops.isfinite(g)), "float32")) for g in grads])
+        self.norm_before.assign(total)
+        self.layer_norms.assign(norms)
+        self.nonfinite.assign(counts)
+        threshold, verdict = tf.py_function(self._decide, [total, counts], [tf.float32, tf.int32])
+        threshold.set_shape(())
+        verdict.set_shape(())
+
+        def zero_then_decide():
+            zeroed = [ops.where(ops.isfinite(g), g, ops.zeros_like(g)) for g in grads]
+            _, t = self._norms(zeroed)
+            thr, ok = tf.py_function(self._after_zeroing, [t], [tf.float32, tf.int32])
+            thr.set_shape(())
+            ok.set_shape(())
+            return zeroed, thr, ok
+
+        grads, threshold, verdict = tf.cond(verdict == 2, zero_then_decide, lambda: (list(grads), threshold, verdict))
+        self.threshold.assign(threshold)
+
+        def step():
+            _, total_now = self._norms(grads)
+            coef = ops.minimum(1.0, threshold / (total_now + 1e-6))
+            clipped = [g * ops.cast(coef, g.dtype) for g in grads]
+            if self.agc is not None:
+                clipped = self._agc(clipped, trainable_variables)
+            self.norm_after.assign(self._norms(clipped)[1])
+            self.last_skipped.assign(0.0)
+            self.inner_optimizer.apply(clipped, trainable_variables)
+            return tf.constant(True)
+
+        def skip():
+            self.norm_after.assign(0.0)
+            self.last_skipped.assign(1.0)
+            self.skipped.assign_add(1.0)
+            return tf.constant(False)
+
+        return tf.cond(verdict == 1, step, skip)
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            self.build(trainable_variables)
+            self.built = True
+        grads = list(grads)
+        if self.accumulation_steps == 1:
+            self._apply_window(grads, trainable_variables)
+            return
+        for acc, g in zip(self.accumulators, grads):
+            acc.assign_add(ops.cast(g, acc.dtype))
+        self.micro_step.assign_add(1)
+
+        def boundary():
+            averaged = [acc / float(self.accumulation_steps) for acc in self.accumulators]
+            self._apply_window(averaged, trainable_variables)
+            for acc in self.accumulators:
+                acc.assign(ops.zeros_like(acc))
+            return tf.constant(True)
+
+        tf.cond(self.micro_step % self.accumulation_steps == 0, boundary, lambda: tf.constant(False))
+
+    def apply_gradients(self, grads_and_vars):
+        grads, variables = zip(*grads_and_vars)
+        self.apply(list(grads), list(variables))
+        return self.iterations
+
+
+class _AccumulationAware(keras.optimizers.schedules.LearningRateSchedule):
+    def __init__(self, schedule, steps):
+        self.schedule = schedule
+        self.steps = steps
+
+    def __call__(self, step):
+        return self.schedule(step // self.steps)
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "steps": self.steps}
+
+
+def accumulation_aware(schedule, accumulation_steps: int):
+    """Make a schedule count optimizer steps under Keras' own ``gradient_accumulation_steps``.
+
+    Keras increments ``optimizer.iterations`` on every micro-batch, so a schedule
+    with a 100-step warm-up finishes it after 100 / k real updates. This wrapper
+    evaluates ``schedule(iterations // k)`` instead. Not needed with
+    :class:`GradOptimizer`'s own ``accumulation_steps``.
+    """
+    accumulation_steps = _checks.integer("accumulation_steps", accumulation_steps, minimum=1)
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a LearningRateSchedule or callable, got {type(schedule).__name__}")
+    return _AccumulationAware(schedule, accumulation_steps)

@@ -1,0 +1,234 @@
+"""gradtools.keras: parity with PyTorch, the in-graph guard, accumulation, config and saving."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradtools.runtime import import_keras
+
+keras = import_keras()
+import tensorflow as tf  # noqa: E402
+import torch  # noqa: E402
+
+import gradtools.keras as gk  # noqa: E402
+import gradtools.torch as gt  # noqa: E402
+from gradtools.models import init_mlp  # noqa: E402
+from gradtools.policies import AutoClip, SpikeDetector, ZClip  # noqa: E402
+
+SIZES = [6, 16, 16, 3]
+
+
+def _data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, SIZES[0])).astype(np.float32), rng.standard_normal((n, SIZES[-1])).astype(np.float32)
+
+
+def _compiled(opt, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = gk.mlp(init_mlp(SIZES, seed=seed), activation="tanh")
+    model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    return model
+
+
+def test_per_layer_norms_match_pytorch():
+    w = init_mlp(SIZES, init="xavier", seed=3)
+    x, y = _data()
+    tm = gt.mlp(w, activation="tanh")
+    torch.nn.functional.mse_loss(tm(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    ts = gt.grad_stats(tm)
+    ks = gk.grad_stats(gk.mlp(w, activation="tanh"), x, y)
+    # torch Linear weights are (out, in), Keras kernels (in, out): same norms, same order
+    np.testing.assert_allclose(ks["norms"], ts.norms.numpy(), rtol=1e-5)
+    assert ks["total_norm"] == pytest.approx(float(ts.total), rel=1e-5)
+    assert ks["names"][0].endswith("dense_0/kernel") and ts.names[0] == "0.weight"
+
+
+def test_global_clipping_matches_pytorch_and_clipnorm_differs():
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal((4, 5)) * 10, rng.standard_normal(5), rng.standard_normal((5, 2)) * 0.1]
+    out = gk.compare_clipping(grads, threshold=1.0)
+    for a, b in zip(out["keras global_clipnorm"]["grads"], out["torch clip_grad_norm_"]["grads"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert out["torch clip_grad_norm_"]["global_norm"] == pytest.approx(1.0, rel=1e-4)
+    assert out["keras global_clipnorm"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    # clipnorm clips each variable: the total exceeds the threshold, and the direction changes
+    per_var = [np.linalg.norm(g) for g in out["keras clipnorm"]["grads"]]
+    assert max(per_var) == pytest.approx(1.0, rel=1e-4) and out["keras clipnorm"]["global_norm"] > 1.2
+    assert out["keras clipnorm"]["cosine"] < 0.999
+    assert np.abs(np.concatenate([g.ravel() for g in out["keras clipvalue"]["grads"]])).max() <= 1.0 + 1e-7
+    with pytest.raises(ValueError, match="threshold must be a positive finite number, got 0"):
+        gk.compare_clipping(grads, 0)
+
+
+@pytest.mark.parametrize("policy", [lambda: AutoClip(percentile=25), lambda: ZClip(warmup_steps=4, z_thresh=0.5)])
+def test_in_graph_policy_equals_python_policy(policy):
+    x, y = _data(64)
+    opt = gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=policy())
+    model = _compiled(opt)
+    logger = gk.GradientLogger(per_layer=False)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[logger])
+    reference = policy()
+    expected = [np.float32(reference.step(n)) for n in logger.history["grad_norm"]]
+    assert logger.history["clip_threshold"] == [float(e) for e in expected]  # identical, not close
+    clipped = [i for i, (n, t) in enumerate(zip(logger.history["grad_norm"], expected)) if n > t]
+    assert clipped, "the test should exercise clipping"
+    for i in clipped:
+        assert logger.history["grad_norm_clipped"][i] == pytest.approx(expected[i], rel=1e-4)
+
+
+def _weights_and_slots(model, opt):
+    return [v.numpy().copy() for v in model.weights], [v.numpy().copy() for v in opt.inner_optimizer.variables]
+
+
+@settings(max_examples=25)
+@given(st.sampled_from(["nan", "inf", "spike"]), st.integers(0, 5), st.integers(0, 10**6), st.integers(4, 7),
+       st.sampled_from(["adam", "sgd"]))
+def test_fault_injection_in_graph_skip_is_bit_identical(kind, var_index, entry, at, opt_kind):
+    inner = keras.optimizers.Adam(1e-2) if opt_kind == "adam" else keras.optimizers.SGD(1e-2, momentum=0.9)
+    opt = gk.GradOptimizer(inner, spike=SpikeDetector(window=20, min_history=3, z_thresh=6.0))
+    model = _compiled(opt)
+    x, y = _data()
+
+    @tf.function
+    def step(inject_var, inject_index, inject_value):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, model(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+        g = grads[inject_var]
+        flat = tf.reshape(g, [-1])
+        flat = tf.tensor_scatter_nd_update(flat, [[inject_index]], [inject_value])
+        grads[inject_var] = tf.reshape(flat, tf.shape(g))
+        opt.apply(grads, model.trainable_variables)
+
+    value = {"nan": math.nan, "inf": math.inf, "spike": 1e6}[kind]
+    for s in range(9):
+        if s == at:
+            size = int(np.prod(model.trainable_variables[var_index].shape))
+            before = _weights_and_slots(model, opt)
+            step(var_index, entry % size, value)
+            after = _weights_and_slots(model, opt)
+            for a, b in zip(before[0] + before[1], after[0] + after[1]):
+                assert np.array_equal(a, b)
+            assert float(opt.last_skipped.numpy()) == 1.0
+        else:
+            step(0, 0, float(model.trainable_variables[0].numpy().ravel()[0] * 0))  # a harmless write of 0
+    assert float(opt.skipped.numpy()) == 1.0 and opt.decider.consecutive_skips == 0
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+
+
+def test_fit_skips_a_poisoned_batch_and_keeps_training():
+    x, y = _data(32)
+    x[8:16] = np.inf  # batch 1 of 4 gives non-finite gradients
+    opt = gk.GradOptimizer(keras.optimizers.Adam(1e-2))
+    model = _compiled(opt)
+    logger = gk.GradientLogger()
+    hist = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    assert logger.history["skipped_steps"] == [0.0, 1.0, 1.0, 1.0]
+    assert logger.history["nonfinite"][1] > 0 and logger.history["nonfinite"][2] == 0
+    assert int(opt.iterations.numpy()) == 3  # the inner optimizer stepped 3 times, not 4
+    assert hist.history["nonfinite"][0] == logger.history["nonfinite"][1]
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+
+
+def test_raise_names_the_variable_and_too_many_skips():
+    x, y = _data(16)
+    x[:] = np.nan
+    model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.1), action="raise"))
+    with pytest.raises(Exception, match=r"non-finite gradient at step 1: first in variable 'sequential(_\d+)?/dense_0/kernel'"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.1), max_consecutive_skips=3))
+    with pytest.raises(Exception, match="skipped 3 consecutive steps"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+
+
+def test_zero_action():
+    x, y = _data(16)
+    opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), action="zero")
+    model = _compiled(opt)
+    x[0, 0] = np.inf
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert float(opt.skipped.numpy()) == 0.0 and int(opt.iterations.numpy()) == 1
+
+
+def test_accumulation_equals_large_batch_and_schedules_count_optimizer_steps():
+    x, y = _data(32)
+    big = _compiled(keras.optimizers.SGD(0.1))
+    big.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.1, 0.1])
+    opt = gk.GradOptimizer(keras.optimizers.SGD(schedule), accumulation_steps=4)
+    acc = _compiled(opt)
+    logger = gk.GradientLogger(per_layer=False)
+    acc.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[logger])
+    for a, b in zip(acc.weights, big.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert int(opt.iterations.numpy()) == 2  # optimizer steps, not 8 micro-batches
+    assert len(logger.history["grad_norm"]) == 2  # statistics at the boundary only
+    # Keras' own accumulation counts micro-batches; accumulation_aware fixes the schedule.
+    warm = keras.optimizers.schedules.PolynomialDecay(1.0, decay_steps=10, end_learning_rate=0.0)
+    fixed = gk.accumulation_aware(warm, 4)
+    assert float(fixed(8)) == pytest.approx(float(warm(2))) and float(fixed(8)) != pytest.approx(float(warm(8)))
+
+
+def test_agc_matches_pytorch():
+    w = init_mlp(SIZES, seed=1)
+    x, y = _data()
+    ks = gk.grad_stats(gk.mlp(w, activation="tanh"), x, y)
+    model = gk.mlp(w, activation="tanh")
+    opt = gk.GradOptimizer(keras.optimizers.SGD(1.0), agc=0.01)
+    opt.build(model.trainable_variables)
+    clipped = [g.numpy() for g in opt._agc([tf.constant(g) for g in ks["grads"]], model.trainable_variables)]
+    tm = gt.mlp(w, activation="tanh")
+    torch.nn.functional.mse_loss(tm(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    gt.adaptive_clip_grad_(tm, clip_factor=0.01)
+    for kg, tp in zip(clipped, tm.parameters()):
+        np.testing.assert_allclose(kg, tp.grad.numpy().T, rtol=1e-4, atol=1e-7)
+
+
+def test_config_round_trip_and_save_load(tmp_path):
+    opt = gk.GradOptimizer(keras.optimizers.Adam(3e-4), clip=ZClip(alpha=0.9, warmup_steps=5), agc=0.02,
+                           action="zero", spike=SpikeDetector(window=50), max_consecutive_skips=4,
+                           accumulation_steps=2)
+    clone = gk.GradOptimizer.from_config(opt.get_config())
+    assert clone.get_config() == opt.get_config()
+    assert clone.policy.get_config() == opt.policy.get_config() and clone.inner_optimizer.learning_rate == opt.learning_rate
+    x, y = _data()
+    model = _compiled(opt)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, gk.GradOptimizer)
+    assert loaded.optimizer.get_config() == opt.get_config()
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[gk.GradientLogger()])
+
+
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda: gk.GradOptimizer("adam"), TypeError, "inner_optimizer must be a keras.optimizers.Optimizer, got str"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), clip=-1.0), ValueError,
+     "max_norm must be a positive finite number, got -1.0"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), clip=math.nan), ValueError, "got nan"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), clip="fast"), ValueError, "policy must be a Policy"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), action="ignore"), ValueError, "action must be one of"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), accumulation_steps=0), ValueError,
+     "accumulation_steps must be an int >= 1, got 0"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), agc=0), ValueError, "agc must be a positive finite number"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=2)), ValueError,
+     "use GradOptimizer\\(accumulation_steps=...\\)"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), clipnorm=1.0), ValueError, "does not take \\['clipnorm'\\]"),
+    (lambda: gk.accumulation_aware("warmup", 2), TypeError, "schedule must be a LearningRateSchedule"),
+])
+def test_bad_input(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_logger_needs_grad_optimizer():
+    model = _compiled(keras.optimizers.SGD(0.1))
+    x, y = _data(8)
+    with pytest.raises(ValueError, match="needs the model compiled with gradtools.keras.GradOptimizer, got SGD"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[gk.GradientLogger()])
