@@ -14,7 +14,7 @@ import numpy as np
 
 from gradtools import _checks
 
-__all__ = ["divergence_step", "gd_quadratic", "stability_threshold"]
+__all__ = ["divergence_step", "gd_quadratic", "stability_threshold", "power_iteration"]
 
 
 def divergence_step(losses, blowup: float = 1e6) -> int | None:
@@ -66,3 +66,32 @@ def gd_quadratic(A, x0, lr: float, steps: int = 100, momentum: float = 0.0, nest
             x = x + v
             out.append(x.copy())
     return np.array(out)
+
+
+def power_iteration(matvec, shapes, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
+    """Largest-magnitude eigenvalue of a symmetric operator given only ``matvec``.
+
+    ``matvec`` maps a list of float64 arrays (one per parameter, with ``shapes``)
+    to a list of arrays of the same shapes: a Hessian-vector product in
+    ``gradtools.torch`` and ``gradtools.keras``. Stops when the Rayleigh quotient
+    changes by less than ``tol`` (relative).
+    """
+    iters = _checks.integer("iters", iters, minimum=1)
+    tol = _checks.positive("tol", tol)
+    rng = np.random.default_rng(seed)
+    v = [rng.standard_normal(s) for s in shapes]
+    norm = math.sqrt(sum(float((x * x).sum()) for x in v))
+    v = [x / norm for x in v]
+    estimate = 0.0
+    for _ in range(iters):
+        hv = [np.asarray(h, dtype=np.float64) for h in matvec(v)]
+        new = sum(float((h * x).sum()) for h, x in zip(hv, v))
+        norm = math.sqrt(sum(float((h * h).sum()) for h in hv))
+        if norm == 0.0:
+            return 0.0
+        v = [h / norm for h in hv]
+        converged = abs(new - estimate) <= tol * max(abs(new), 1e-12)
+        estimate = new
+        if converged:
+            break
+    return estimate

@@ -232,3 +232,33 @@ def test_logger_needs_grad_optimizer():
     x, y = _data(8)
     with pytest.raises(ValueError, match="needs the model compiled with gradtools.keras.GradOptimizer, got SGD"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[gk.GradientLogger()])
+
+
+def test_lr_range_test_callback_restores_and_matches_sweep():
+    x, y = _data(64)
+    model = _compiled(keras.optimizers.Adam(1e-3))
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)  # give Adam some state
+    weights = [w.numpy().copy() for w in model.weights]
+    slots = [v.numpy().copy() for v in model.optimizer.variables]
+    finder = gk.LRRangeTest(start_lr=1e-5, end_lr=100.0, num_steps=60)
+    model.fit(x, y, batch_size=64, epochs=60, verbose=0, callbacks=[finder])
+    r = finder.result
+    assert r.diverged_at is not None and len(r.lrs) == r.diverged_at + 1 < 60
+    assert 1e-5 < r.suggested_lr < r.lrs[r.diverged_at]
+    for w, before in zip(model.weights, weights):
+        np.testing.assert_array_equal(w.numpy(), before)
+    for v, before in zip(model.optimizer.variables, slots):
+        np.testing.assert_array_equal(v.numpy(), before)
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
+
+
+def test_sharpness_matches_pytorch():
+    w = init_mlp(SIZES, init="xavier", seed=2)
+    x, y = _data()
+    km = gk.mlp(w, activation="tanh")
+    tm = gt.mlp(w, activation="tanh")
+    mse = keras.losses.MeanSquaredError()
+    lk = gk.top_hessian_eigenvalue(km, lambda m: mse(y, m(x)), iters=200, tol=1e-8)
+    lt = gt.top_hessian_eigenvalue(
+        tm, lambda m: torch.nn.functional.mse_loss(m(torch.from_numpy(x)), torch.from_numpy(y)), iters=200, tol=1e-8)
+    assert lk == pytest.approx(lt, rel=1e-3) and lk > 0

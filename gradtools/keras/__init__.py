@@ -14,8 +14,9 @@ _import_keras()
 from gradtools.guard import NonFiniteGradientError, TooManySkipsError  # noqa: E402
 from gradtools.keras.callbacks import GradientLogger  # noqa: E402
 from gradtools.keras.clipping import compare_clipping  # noqa: E402
+from gradtools.keras.lr_range import LRRangeTest, top_hessian_eigenvalue  # noqa: E402
 from gradtools.keras.models import grad_stats, mlp, train_full_batch  # noqa: E402
 from gradtools.keras.optimizer import GradOptimizer, accumulation_aware  # noqa: E402
 
-__all__ = ["GradOptimizer", "GradientLogger", "NonFiniteGradientError", "TooManySkipsError", "accumulation_aware",
-           "compare_clipping", "grad_stats", "mlp", "train_full_batch"]
+__all__ = ["GradOptimizer", "GradientLogger", "LRRangeTest", "NonFiniteGradientError", "TooManySkipsError",
+           "accumulation_aware", "compare_clipping", "grad_stats", "mlp", "top_hessian_eigenvalue", "train_full_batch"]

@@ -2,8 +2,10 @@
 
 On a sampled step the monitor runs one :func:`grad_stats` pass and keeps the
 resulting tensors; it converts them to Python numbers only when ``history`` is
-read, so recording costs no host sync. On the other steps it does nothing but
-increment a counter.
+read. Parameter names are resolved once, at construction. On the other steps it
+does nothing but increment a counter. Non-finite counts cost one scalar check
+per sampled step (see :mod:`gradtools.torch.norms`); ``count_nonfinite=False``
+makes recording entirely free of host syncs.
 
 Example:
     >>> import torch
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from gradtools import _checks
-from gradtools.torch.norms import grad_stats, snapshot, update_ratios
+from gradtools.torch.norms import _named_parameters, stats_of, snapshot, update_ratios
 
 __all__ = ["Monitor"]
 
@@ -52,13 +54,17 @@ class Monitor:
         self._ratios: list = []
         self._before = None
         self._names = None
+        self._params = _named_parameters(model, "model")  # resolved once
 
     def record(self) -> bool:
         """Call after ``backward()`` and before ``optimizer.step()``. Returns True if sampled."""
         self.step += 1
         if (self.step - 1) % self.every:
             return False
-        stats = grad_stats(self.model, self.norm_type, self.count_nonfinite)
+        kept = [(n, p.grad) for n, p in self._params if p.grad is not None]
+        if not kept:
+            raise ValueError("model has no gradients to record: call loss.backward() before Monitor.record()")
+        stats = stats_of([n for n, _ in kept], [g for _, g in kept], self.norm_type, self.count_nonfinite)
         self._names = stats.names
         self._records.append((self.step, stats.total, stats.norms, stats.nonfinite))
         if self.track_updates:

@@ -7,10 +7,13 @@ and the number of non-finite entries per parameter. Nothing is copied to the
 host: read a field with ``float()`` / ``.tolist()`` or call ``as_dict()`` when a
 human needs the numbers.
 
-The non-finite count uses ``||0 * g||_0``: multiplying by zero maps finite
-entries to 0 and inf/nan to nan, and the 0-"norm" counts the non-zeros. Both are
-foreach kernels, so the count costs two passes regardless of the number of
-parameters and never forces a host sync.
+Non-finite entries are counted exactly only when they can exist: a finite
+global norm proves that every entry is finite, so the counts are zeros without
+touching the gradients again. Checking that costs one scalar read (free on CPU,
+one small device-to-host copy on an accelerator; pass ``count_nonfinite=False``
+to avoid even that). When the norm is not finite, the count uses
+``||0 * g||_0``: multiplying by zero maps finite entries to 0 and inf/nan to
+nan, and the 0-"norm" counts the non-zeros, two foreach kernels in all.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from gradtools import _checks
 
-__all__ = ["named_grads", "grad_stats", "get_total_norm", "GradStats", "snapshot", "update_ratios"]
+__all__ = ["named_grads", "grad_stats", "stats_of", "get_total_norm", "GradStats", "snapshot", "update_ratios"]
 
 
 def _named_parameters(parameters, arg: str = "parameters") -> list[tuple[str, torch.Tensor]]:
@@ -67,6 +70,10 @@ def named_grads(parameters, arg: str = "parameters", *, require_grads: bool = Tr
 
 def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> list[torch.Tensor]:
     """Per-tensor norms, grouped by device and dtype like torch.nn.utils does."""
+    first = tensors[0]
+    if foreach is not False and first.device.type in {"cpu", "cuda", "xpu", "mps"} and all(
+            t.device == first.device and t.dtype == first.dtype for t in tensors):
+        return list(torch._foreach_norm(tensors, norm_type))  # the common case: one group
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -159,7 +166,8 @@ def grad_stats(parameters, norm_type: float = 2.0, count_nonfinite: bool = True,
             ``"layers.3.weight"``), or an iterable of tensors or of
             ``(name, tensor)`` pairs.
         norm_type (float): p of the p-norm, default 2; ``inf`` allowed.
-        count_nonfinite (bool): also count inf/nan entries per parameter, default True.
+        count_nonfinite (bool): also count inf/nan entries per parameter, default True
+            (see the module docstring for its cost).
         foreach (bool or None): as in ``torch.nn.utils``.
 
     Returns:
@@ -177,14 +185,22 @@ def grad_stats(parameters, norm_type: float = 2.0, count_nonfinite: bool = True,
     """
     norm_type = _checks.norm_type("norm_type", norm_type)
     names, grads = named_grads(parameters)
+    return stats_of(names, grads, norm_type, count_nonfinite, foreach)
+
+
+def stats_of(names: list, grads: list, norm_type: float = 2.0, count_nonfinite: bool = True,
+             foreach: bool | None = None) -> GradStats:
+    """:func:`grad_stats` on gradients already collected (no argument checks; for per-step loops)."""
     norms = _foreach_norms(grads, norm_type, foreach)
     stacked = torch.stack([n.to(norms[0].device) for n in norms])
     total = torch.linalg.vector_norm(stacked, norm_type)
     nonfinite = None
     if count_nonfinite:
-        zeroed = torch._foreach_mul(grads, 0.0)
-        counts = torch._foreach_norm(zeroed, 0)
-        nonfinite = torch.stack([c.to(stacked.device) for c in counts]).to(torch.int64)
+        if bool(torch.isfinite(total)):
+            nonfinite = torch.zeros(len(grads), dtype=torch.int64, device=stacked.device)
+        else:
+            counts = torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0)
+            nonfinite = torch.stack([c.to(stacked.device) for c in counts]).to(torch.int64)
     return GradStats(names, stacked, total, nonfinite, norm_type)
 
 

@@ -5,14 +5,15 @@ Gradient descent with learning rate ``lr`` is stable on a quadratic only if
 Descent on Neural Networks Typically Occurs at the Edge of Stability") observed
 that full-batch GD drives ``lambda_max`` up to about ``2 / lr`` and keeps it
 there. This module measures ``lambda_max`` with Hessian-vector products
-(double back-propagation, Pearlmutter 1994), never forming the Hessian.
+(double back-propagation, Pearlmutter 1994), never forming the Hessian; the
+power iteration is :func:`gradtools.maths.power_iteration`, shared with Keras.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradtools import _checks
+from gradtools.maths import power_iteration
 
 __all__ = ["hessian_vector_product", "top_hessian_eigenvalue"]
 
@@ -37,26 +38,15 @@ def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, s
     Returns:
         The eigenvalue estimate (a Python float).
     """
-    iters = _checks.integer("iters", iters, minimum=1)
-    tol = _checks.positive("tol", tol)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters that require grad")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
-    norm = torch.sqrt(sum((x * x).sum() for x in v))
-    v = [x / norm for x in v]
     loss = loss_fn(model)
-    estimate = 0.0
-    for _ in range(iters):
-        hv = hessian_vector_product(loss, params, v)
-        new = float(sum((h * x).sum() for h, x in zip(hv, v)))
-        norm = torch.sqrt(sum((h * h).sum() for h in hv))
-        if float(norm) == 0.0:
-            return 0.0
-        v = [h / norm for h in hv]
-        if abs(new - estimate) <= tol * max(abs(new), 1e-12):
-            estimate = new
-            break
-        estimate = new
-    return estimate
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+
+    def matvec(vectors):
+        vs = [torch.as_tensor(v, dtype=p.dtype, device=p.device) for v, p in zip(vectors, params)]
+        dot = sum((g * v).sum() for g, v in zip(grads, vs))
+        return [h.detach().cpu().double().numpy() for h in torch.autograd.grad(dot, params, retain_graph=True)]
+
+    return power_iteration(matvec, [tuple(p.shape) for p in params], iters, tol, seed)
