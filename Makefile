@@ -36,11 +36,13 @@ browser: $(STAMP)
 	$(PY) tools/ensure_chromium.py
 	$(PY) -m pytest -m browser $(PYTEST_ARGS)
 
+# Chapters run one at a time: two kernels, each with multi-threaded PyTorch and
+# TensorFlow, on two cores slow each other down by more than an order of magnitude.
 nbval: $(STAMP)
 	$(PY) tools/check_notebooks.py
 	$(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=180 \
-	    -n 2 --dist loadfile $(NOTEBOOKS) $(PYTEST_ARGS)
+	    $(NOTEBOOKS) $(PYTEST_ARGS)
 
 test: unit browser nbval
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from gradtools import _checks
 
-__all__ = ["divergence_step", "gd_quadratic", "stability_threshold", "power_iteration"]
+__all__ = ["divergence_step", "gd_quadratic", "stability_threshold", "nesterov_threshold", "quadratic_diverges",
+           "bisect_threshold", "power_iteration", "rnn_cliff"]
 
 
 def divergence_step(losses, blowup: float = 1e6) -> int | None:
@@ -44,8 +45,84 @@ def stability_threshold(lambda_max: float, momentum: float = 0.0) -> float:
     return 2.0 * (1.0 + momentum) / lambda_max
 
 
+def nesterov_threshold(lambda_max: float, momentum: float) -> float:
+    """Largest stable learning rate of Nesterov momentum on a quadratic: ``2 (1 + b) / ((1 + 2 b) lambda_max)``.
+
+    Nesterov evaluates the gradient at the look-ahead point, which makes its bound
+    *lower* than plain gradient descent's ``2 / lambda_max`` for every ``b > 0``.
+    """
+    lambda_max = _checks.positive("lambda_max", lambda_max)
+    momentum = _checks.in_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    return 2.0 * (1.0 + momentum) / ((1.0 + 2.0 * momentum) * lambda_max)
+
+
+def quadratic_diverges(A, lr: float, momentum: float = 0.0, nesterov: bool = False, steps: int = 2000,
+                       seed: int = 0) -> bool:
+    """True if (momentum) GD on ``x^T A x / 2`` ends farther from the minimum than it started."""
+    A = np.asarray(A, dtype=np.float64)
+    x0 = np.random.default_rng(seed).standard_normal(A.shape[0])
+    traj = gd_quadratic(A, x0, lr, steps, momentum, nesterov)
+    with np.errstate(over="ignore", invalid="ignore"):  # a divergent run overflows, by design
+        end = np.linalg.norm(traj[-1])
+    return bool(not np.isfinite(end) or end > np.linalg.norm(x0))
+
+
+def bisect_threshold(diverges, low: float, high: float, rtol: float = 1e-4, max_iter: int = 100) -> float:
+    """The boundary between ``diverges(lr) == False`` (at ``low``) and ``True`` (at ``high``).
+
+    Args:
+        diverges (callable): ``diverges(lr) -> bool``, assumed monotone in ``lr``.
+        low, high (float): a stable and a divergent learning rate.
+        rtol (float): stop when ``high / low - 1 < rtol``.
+    """
+    low = _checks.positive("low", low)
+    high = _checks.positive("high", high)
+    if diverges(low) or not diverges(high):
+        raise ValueError(f"low={low} must converge and high={high} must diverge")
+    for _ in range(max_iter):
+        if high / low - 1 < rtol:
+            break
+        mid = math.sqrt(low * high)
+        if diverges(mid):
+            high = mid
+        else:
+            low = mid
+    return math.sqrt(low * high)
+
+
+def rnn_cliff(w, b, steps: int = 30, x0: float = 0.5, target: float = 0.5):
+    """Pascanu et al. (2013)'s single-unit RNN ``x_t = w * sigmoid(x_{t-1}) + b``.
+
+    Evaluates the loss ``(x_T - target)^2`` and its exact gradient with respect to
+    ``(w, b)`` (back-propagation through time, vectorised) on arrays ``w``, ``b`` of
+    any common shape. Near the bifurcation of the map the loss changes abruptly: the
+    "cliff" whose wall has enormous gradients.
+
+    Returns:
+        (loss, dloss_dw, dloss_db), arrays of the broadcast shape.
+    """
+    steps = _checks.integer("steps", steps, minimum=1)
+    w, b = np.broadcast_arrays(np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64))
+    x = np.full(w.shape, float(x0))
+    dx_dw = np.zeros(w.shape)
+    dx_db = np.zeros(w.shape)
+    for _ in range(steps):
+        with np.errstate(over="ignore"):
+            s = 1.0 / (1.0 + np.exp(-x))
+        ds = s * (1.0 - s)
+        dx_dw, dx_db = s + w * ds * dx_dw, 1.0 + w * ds * dx_db
+        x = w * s + b
+    loss = (x - target) ** 2
+    return loss, 2 * (x - target) * dx_dw, 2 * (x - target) * dx_db
+
+
 def gd_quadratic(A, x0, lr: float, steps: int = 100, momentum: float = 0.0, nesterov: bool = False):
     """Iterates of (heavy-ball or Nesterov) gradient descent on ``f(x) = x^T A x / 2``.
+
+    Heavy ball: ``v <- b v - lr g(x)``, ``x <- x + v``. Nesterov, in the form that
+    ``torch.optim.SGD(nesterov=True)`` and ``keras.optimizers.SGD(nesterov=True)``
+    both implement: ``v <- b v - lr g(x)``, ``x <- x + b v - lr g(x)`` (Sutskever's
+    look-ahead form tracks the shifted point ``x + b v`` of the same dynamics).
 
     Returns an array of shape (steps + 1, dim): the trajectory, starting at ``x0``.
     """
@@ -58,12 +135,9 @@ def gd_quadratic(A, x0, lr: float, steps: int = 100, momentum: float = 0.0, nest
     out = [x.copy()]
     with np.errstate(over="ignore", invalid="ignore"):
         for _ in range(steps):
-            if nesterov:
-                g = A @ (x + momentum * v)
-            else:
-                g = A @ x
+            g = A @ x
             v = momentum * v - lr * g
-            x = x + v
+            x = x + (momentum * v - lr * g if nesterov else v)
             out.append(x.copy())
     return np.array(out)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from gradtools import _checks
 
-__all__ = ["init_mlp", "INITS"]
+__all__ = ["init_mlp", "init_rnn", "INITS"]
 
 #: Standard deviation of each initialisation as a function of (fan_in, fan_out).
 INITS = {
@@ -48,3 +48,29 @@ def init_mlp(sizes, init: str = "he", seed: int = 0, gain: float = 1.0):
         kernel = (std * rng.standard_normal((fan_in, fan_out))).astype(np.float32)
         weights.append((kernel, np.zeros(fan_out, dtype=np.float32)))
     return weights
+
+
+def init_rnn(input_size: int, hidden: int, spectral_radius: float, seed: int = 0, input_scale: float = 0.1):
+    """Weights of a vanilla RNN ``h_t = tanh(x_t W_in + h_{t-1} W_rec + b)`` with a linear read-out.
+
+    The recurrent matrix is a random orthogonal matrix times ``spectral_radius``,
+    so every eigenvalue has exactly that modulus: below 1 the gradient with respect
+    to early steps vanishes geometrically, above 1 it grows (Pascanu et al., 2013).
+
+    Returns:
+        dict of float32 arrays: ``W_in`` (input, hidden), ``W_rec`` (hidden, hidden),
+        ``b`` (hidden,), ``W_out`` (hidden, 1), ``b_out`` (1,).
+    """
+    input_size = _checks.integer("input_size", input_size, minimum=1)
+    hidden = _checks.integer("hidden", hidden, minimum=1)
+    spectral_radius = _checks.positive("spectral_radius", spectral_radius)
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.standard_normal((hidden, hidden)))
+    q = q * np.sign(np.diag(r))
+    return {
+        "W_in": (input_scale * rng.standard_normal((input_size, hidden))).astype(np.float32),
+        "W_rec": (spectral_radius * q).astype(np.float32),
+        "b": np.zeros(hidden, np.float32),
+        "W_out": (rng.standard_normal((hidden, 1)) / np.sqrt(hidden)).astype(np.float32),
+        "b_out": np.zeros(1, np.float32),
+    }

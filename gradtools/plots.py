@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = ["PALETTE", "loss_curves", "gradient_flow", "norm_history", "lr_range_curve", "quadratic_trajectory",
-           "update_ratios"]
+           "update_ratios", "sharpness_curve", "gradient_through_time", "loss_surface"]
 
 #: Colours used everywhere in the book.
 PALETTE = {
@@ -196,3 +196,51 @@ def update_ratios(ratios: dict, title: str = "Update-to-weight ratio per layer")
     ax.legend(fontsize=7, ncol=2)
     return fig
 
+
+
+def sharpness_curve(steps, sharpness, lr: float, title: str = "Sharpness during full-batch gradient descent") -> Figure:
+    """Top Hessian eigenvalue against step, with the ``2 / lr`` stability line."""
+    fig, ax = _figure()
+    ax.plot(steps, sharpness, marker="o", markersize=3, color=PALETTE["torch"], label="sharpness λmax (PyTorch)")
+    ax.axhline(2.0 / lr, color=PALETTE["threshold"], ls="--", label=f"2 / lr = {2.0 / lr:.3g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("top Hessian eigenvalue")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def gradient_through_time(series: dict, title: str = "Gradient reaching each time step") -> Figure:
+    """``||dL/dx_t||`` against time step t, one line per setting (e.g. spectral radius), log scale."""
+    fig, ax = _figure()
+    for i, (label, values) in enumerate(series.items()):
+        values = np.asarray(values, dtype=float)
+        ax.plot(np.arange(len(values)), values, label=label, color=_color(label, i), lw=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("time step t (the loss is read at the last step)")
+    ax.set_ylabel("||dL/dx_t|| (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def loss_surface(W, B, loss, point=None, step=None, title: str = "Loss surface") -> Figure:
+    """Filled contours of ``log10(loss)`` over a (w, b) grid, with an optional point and step arrow."""
+    fig, ax = _figure(figsize=(5.6, 4.2))
+    with np.errstate(divide="ignore"):
+        z = np.log10(np.maximum(np.asarray(loss, dtype=float), 1e-12))
+    cs = ax.contourf(W, B, z, levels=30, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label="log10 loss")
+    if point is not None:
+        ax.plot([point[0]], [point[1]], marker="o", color="white", markersize=6, linestyle="none", label="start")
+        if step is not None:
+            ax.annotate("", xy=(point[0] + step[0], point[1] + step[1]), xytext=point,
+                        arrowprops={"arrowstyle": "->", "color": PALETTE["unclipped"], "lw": 2})
+            ax.plot([], [], color=PALETTE["unclipped"], label="one gradient step")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xlim(np.min(W), np.max(W))
+    ax.set_ylim(np.min(B), np.max(B))
+    ax.set_xlabel("recurrent weight w")
+    ax.set_ylabel("bias b")
+    ax.set_title(title)
+    return fig

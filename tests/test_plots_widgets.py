@@ -66,6 +66,18 @@ def test_lr_range_and_quadratic_and_ratios():
     assert len(_lines(ax)) == 3 and ax.get_yscale() == "log"
 
 
+def test_chapter_figures():
+    ax = plots.sharpness_curve([0, 10, 20], [5.0, 12.0, 19.8], lr=0.1).axes[0]
+    assert [l.get_label() for l in _lines(ax)] == ["sharpness λmax (PyTorch)", "2 / lr = 20"]
+    ax = plots.gradient_through_time({"ρ = 0.9": [1e-5, 1e-2, 1.0], "ρ = 1.1": [10.0, 3.0, 1.0]}).axes[0]
+    assert len(_lines(ax)) == 2 and ax.get_yscale() == "log" and "time step" in ax.get_xlabel()
+    W, B = np.meshgrid(np.linspace(0, 1, 5), np.linspace(0, 1, 4))
+    fig = plots.loss_surface(W, B, W + B + 0.1, point=(0.5, 0.5), step=(0.2, 0.0))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "recurrent weight w" and len(fig.axes) == 2  # the colour bar
+    assert [l.get_label() for l in _lines(ax)] == ["start", "one gradient step"]
+
+
 def _fn(lr):
     fig = plots.loss_curves({"run": [1.0, 1.0 / (1 + lr)]}, title=f"lr={lr}")
     return fig, {"final": round(1 / (1 + lr), 3)}

@@ -17,6 +17,8 @@ from gradtools.keras.clipping import compare_clipping  # noqa: E402
 from gradtools.keras.lr_range import LRRangeTest, top_hessian_eigenvalue  # noqa: E402
 from gradtools.keras.models import grad_stats, mlp, train_full_batch  # noqa: E402
 from gradtools.keras.optimizer import GradOptimizer, accumulation_aware  # noqa: E402
+from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic  # noqa: E402
 
-__all__ = ["GradOptimizer", "GradientLogger", "LRRangeTest", "NonFiniteGradientError", "TooManySkipsError",
-           "accumulation_aware", "compare_clipping", "grad_stats", "mlp", "top_hessian_eigenvalue", "train_full_batch"]
+__all__ = ["GradOptimizer", "activation_gradients", "GradientLogger", "LRRangeTest", "NonFiniteGradientError", "TooManySkipsError",
+           "accumulation_aware", "compare_clipping", "grad_stats", "mlp", "rnn", "rnn_input_gradients",
+           "sgd_on_quadratic", "top_hessian_eigenvalue", "train_full_batch"]

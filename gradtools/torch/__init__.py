@@ -18,10 +18,11 @@ from gradtools.torch.models import mlp, train_full_batch
 from gradtools.torch.monitor import Monitor
 from gradtools.torch.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios
 from gradtools.torch.sharpness import hessian_vector_product, top_hessian_eigenvalue
+from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic, sharpness_during_gd
 
 __all__ = [
-    "Accumulator", "ClipResult", "Clipper", "GradGuard", "GradStats", "GuardResult", "LRRangeResult",
+    "Accumulator", "activation_gradients", "ClipResult", "Clipper", "GradGuard", "GradStats", "GuardResult", "LRRangeResult",
     "Monitor", "NonFiniteGradientError", "TooManySkipsError", "adaptive_clip_grad_", "clip_grad_norm_",
     "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "grad_stats", "hessian_vector_product",
-    "lr_range_test", "mlp", "snapshot", "top_hessian_eigenvalue", "train_full_batch", "update_ratios",
+    "lr_range_test", "mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "sharpness_during_gd", "snapshot", "top_hessian_eigenvalue", "train_full_batch", "update_ratios",
 ]

@@ -13,13 +13,16 @@ _ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "linear": torch.nn
                 "leaky_relu": lambda: torch.nn.LeakyReLU(0.01)}
 
 
-def mlp(weights, activation: str = "relu") -> torch.nn.Sequential:
+def mlp(weights, activation: str = "relu", batchnorm: bool = False, dropout: float = 0.0) -> torch.nn.Sequential:
     """An MLP whose Linear layers hold ``weights`` (from ``gradtools.models.init_mlp``).
 
-    Hidden layers use ``activation``; the last layer is linear. Layer ``k``'s
-    parameters are named ``"{2k}.weight"`` and ``"{2k}.bias"``.
+    Hidden layers use ``activation``; the last layer is linear. Without batch
+    norm or dropout, layer ``k``'s parameters are named ``"{2k}.weight"`` and
+    ``"{2k}.bias"``. ``batchnorm`` inserts ``BatchNorm1d`` (eps 1e-3, as Keras)
+    before each hidden activation; ``dropout`` adds ``Dropout(p)`` after it.
     """
     _checks.choice("activation", activation, set(_ACTIVATIONS))
+    dropout = _checks.in_range("dropout", dropout, 0.0, 1.0, high_open=True)
     layers = []
     for i, (kernel, bias) in enumerate(weights):
         kernel = np.asarray(kernel, dtype=np.float32)
@@ -29,7 +32,11 @@ def mlp(weights, activation: str = "relu") -> torch.nn.Sequential:
             lin.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
         layers.append(lin)
         if i < len(weights) - 1:
+            if batchnorm:
+                layers.append(torch.nn.BatchNorm1d(kernel.shape[1], eps=1e-3))
             layers.append(_ACTIVATIONS[activation]())
+            if dropout:
+                layers.append(torch.nn.Dropout(dropout))
     return torch.nn.Sequential(*layers)
 
 

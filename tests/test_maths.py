@@ -1,0 +1,62 @@
+"""NumPy toys: thresholds measured against theory, the RNN cliff's gradient, data generators."""
+
+import math
+
+import numpy as np
+import pytest
+
+from gradtools import data, maths, models
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gd_threshold_is_two_over_lambda_max(seed):
+    A, eig = data.random_quadratic(dim=6, condition=20.0, seed=seed)
+    measured = maths.bisect_threshold(lambda lr: maths.quadratic_diverges(A, lr), 0.01, 1.0)
+    assert measured == pytest.approx(maths.stability_threshold(eig.max()), rel=1e-2)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9])
+def test_momentum_thresholds(beta):
+    A, eig = data.random_quadratic(dim=4, condition=10.0, seed=1)
+    heavy = maths.bisect_threshold(lambda lr: maths.quadratic_diverges(A, lr, momentum=beta, steps=4000), 0.01, 2.0)
+    assert heavy == pytest.approx(maths.stability_threshold(eig.max(), beta), rel=1e-2)
+    nag = maths.bisect_threshold(lambda lr: maths.quadratic_diverges(A, lr, momentum=beta, nesterov=True, steps=4000),
+                                 0.01, 2.0)
+    assert nag == pytest.approx(maths.nesterov_threshold(eig.max(), beta), rel=1e-2)
+    assert nag < maths.stability_threshold(eig.max())  # below plain GD's bound
+
+
+def test_bisect_needs_a_bracket():
+    with pytest.raises(ValueError, match="low=1.0 must converge and high=2.0 must diverge"):
+        maths.bisect_threshold(lambda lr: True, 1.0, 2.0)
+
+
+def test_rnn_cliff_gradient_matches_finite_differences():
+    w, b = np.array([2.0, 5.0, 7.0]), np.array([-1.0, -2.5, -3.3])
+    loss, gw, gb = maths.rnn_cliff(w, b, steps=10)
+    h = 1e-6
+    fw = (maths.rnn_cliff(w + h, b, steps=10)[0] - maths.rnn_cliff(w - h, b, steps=10)[0]) / (2 * h)
+    fb = (maths.rnn_cliff(w, b + h, steps=10)[0] - maths.rnn_cliff(w, b - h, steps=10)[0]) / (2 * h)
+    np.testing.assert_allclose(gw, fw, rtol=1e-5)
+    np.testing.assert_allclose(gb, fb, rtol=1e-5)
+
+
+def test_init_rnn_spectral_radius_and_adding_problem():
+    w = models.init_rnn(2, 16, spectral_radius=1.3, seed=0)
+    np.testing.assert_allclose(np.abs(np.linalg.eigvals(w["W_rec"].astype(np.float64))), 1.3, rtol=1e-5)
+    x, y = data.adding_problem(n=8, length=20, seed=0)
+    assert x.shape == (8, 20, 2) and (x[:, :, 1].sum(axis=1) == 2).all()
+    np.testing.assert_allclose(y[:, 0], (x[:, :, 0] * x[:, :, 1]).sum(axis=1), rtol=1e-6)
+
+
+def test_divergence_step_and_bad_input():
+    assert maths.divergence_step([1.0, 2.0]) is None and maths.divergence_step([1.0, 2e6]) == 1
+    with pytest.raises(ValueError, match="lambda_max must be a positive finite number, got 0"):
+        maths.stability_threshold(0)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0.0, 1.0\), got 1.0"):
+        maths.nesterov_threshold(1.0, 1.0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        models.init_mlp([2, 2], init="lecun")
+    with pytest.raises(ValueError, match="condition must be >= 1"):
+        data.random_quadratic(3, condition=0.5)
+    assert math.isfinite(maths.power_iteration(lambda v: [2.0 * v[0]], [(3,)], iters=5))
