@@ -72,7 +72,7 @@ def loss_curves(curves: dict, title: str = "Training loss", logy: bool = True, b
             y = shown[-1] if len(shown) else 1.0
             ax.plot([d], [y], marker="x", markersize=10, mew=2.5, color=color, linestyle="none",
                     label=f"{label}: diverged at step {d}")
-            ax.annotate(f"non-finite at step {d}", (d, y), textcoords="offset points", xytext=(6, 6),
+            ax.annotate(f"non-finite at step {d}", (d, y), textcoords="offset points", xytext=(-8, 6), ha="right",
                         color=color, fontsize=8)
     if logy:
         ax.set_yscale("log")
@@ -234,9 +234,21 @@ def loss_surface(W, B, loss, point=None, step=None, title: str = "Loss surface")
     if point is not None:
         ax.plot([point[0]], [point[1]], marker="o", color="white", markersize=6, linestyle="none", label="start")
         if step is not None:
-            ax.annotate("", xy=(point[0] + step[0], point[1] + step[1]), xytext=point,
+            # Shorten the arrow to the frame, keeping its direction (an annotation whose end
+            # lies outside the axes is not drawn at all).
+            lo, hi = np.array([np.min(W), np.min(B)]), np.array([np.max(W), np.max(B)])
+            p0, d = np.asarray(point, dtype=float), np.asarray(step, dtype=float)
+            t = 1.0
+            for k in range(2):
+                if d[k] > 0:
+                    t = min(t, (hi[k] - p0[k]) / d[k])
+                elif d[k] < 0:
+                    t = min(t, (lo[k] - p0[k]) / d[k])
+            end = p0 + 0.98 * t * d
+            ax.annotate("", xy=tuple(end), xytext=tuple(p0),
                         arrowprops={"arrowstyle": "->", "color": PALETTE["unclipped"], "lw": 2})
-            ax.plot([], [], color=PALETTE["unclipped"], label="one gradient step")
+            label = "one gradient step" + (f" (x{1 / t:.2g} longer than shown)" if t < 1 else "")
+            ax.plot([], [], color=PALETTE["unclipped"], label=label)
         ax.legend(fontsize=8, loc="upper right")
     ax.set_xlim(np.min(W), np.max(W))
     ax.set_ylim(np.min(B), np.max(B))

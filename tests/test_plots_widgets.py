@@ -76,6 +76,10 @@ def test_chapter_figures():
     ax = fig.axes[0]
     assert ax.get_xlabel() == "recurrent weight w" and len(fig.axes) == 2  # the colour bar
     assert [l.get_label() for l in _lines(ax)] == ["start", "one gradient step"]
+    ax = plots.loss_surface(W, B, W + B + 0.1, point=(0.5, 0.5), step=(100.0, 0.0)).axes[0]
+    assert _lines(ax)[1].get_label() == "one gradient step (x2e+02 longer than shown)"
+    (arrow,) = ax.texts
+    assert arrow.xy[0] <= 1.0  # inside the frame, so it is drawn
 
 
 def _fn(lr):
