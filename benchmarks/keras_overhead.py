@@ -74,7 +74,7 @@ def main():
     y = rng.integers(0, 10, len(x))
     plain = build(optimizers.Adam(1e-4))
     tracked = build(gk.GradOptimizer(optimizers.Adam(1e-4)))
-    logger = gk.GradientLogger(per_layer=True)
+    logger = gk.GradientLogger(per_layer=True, record_batches=False)  # statistics in every batch's logs
     r1, (b, c) = median_ratio(lambda: plain.fit(x, y, batch_size=batch, epochs=1, verbose=0),
                               lambda: tracked.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[logger]),
                               args.rounds)

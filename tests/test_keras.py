@@ -129,7 +129,9 @@ def test_fit_skips_a_poisoned_batch_and_keeps_training():
     assert logger.history["skipped_steps"] == [0.0, 1.0, 1.0, 1.0]
     assert logger.history["nonfinite"][1] > 0 and logger.history["nonfinite"][2] == 0
     assert int(opt.iterations.numpy()) == 3  # the inner optimizer stepped 3 times, not 4
-    assert hist.history["nonfinite"][0] == logger.history["nonfinite"][1]
+    assert hist.history["skipped_steps"] == [1.0] and hist.history["nonfinite"] == [0.0]  # epoch end: last step
+    assert hist.history["grad_norm_mean"][0] == pytest.approx(np.mean([logger.history["grad_norm"][i] for i in (0, 2, 3)]),
+                                                              rel=1e-6)  # mean over applied steps
     assert all(np.isfinite(v.numpy()).all() for v in model.weights)
 
 
@@ -225,6 +227,25 @@ def test_config_round_trip_and_save_load(tmp_path):
 def test_bad_input(call, exc, message):
     with pytest.raises(exc, match=message):
         call()
+
+
+def test_fast_logger_puts_stats_in_batch_logs_without_a_batch_hook():
+    x, y = _data(32)
+    opt = gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=0.5)
+    model = _compiled(opt)
+    seen = []
+
+    class Reader(keras.callbacks.Callback):
+        async_safe = False
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append((float(logs["grad_norm"]), float(logs["grad_norm_clipped"])))
+
+    fast = gk.GradientLogger(per_layer=True, record_batches=False)
+    hist = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[fast, Reader()])
+    assert fast.async_safe and fast.history == {}
+    assert len(seen) == 4 and all(a > b == pytest.approx(0.5, rel=1e-5) for a, b in seen)
+    assert any(k.startswith("grad_norm/") and k.endswith("dense_0/kernel") for k in hist.history)
 
 
 def test_logger_needs_grad_optimizer():

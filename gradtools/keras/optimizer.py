@@ -128,6 +128,10 @@ class GradOptimizer(keras.optimizers.Optimizer):
             self.skipped = self.add_variable((), initializer=zeros, dtype="float32", name="skipped_steps")
             self.last_skipped = self.add_variable((), initializer=zeros, dtype="float32", name="last_step_skipped")
             self.micro_step = self.add_variable((), initializer=zeros, dtype="int64", name="micro_step")
+            # Running sums over the current epoch (reset by GradientStats.reset_state).
+            self.sum_norm = self.add_variable((), initializer=zeros, dtype="float32", name="epoch_grad_norm_sum")
+            self.sum_norm_after = self.add_variable((), initializer=zeros, dtype="float32", name="epoch_clipped_sum")
+            self.window_count = self.add_variable((), initializer=zeros, dtype="float32", name="epoch_steps")
             self.accumulators = ([self.add_variable_from_reference(v, name="accumulator") for v in var_list]
                                  if self.accumulation_steps > 1 else [])
         self.inner_optimizer.build(var_list)
@@ -231,6 +235,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         self.norm_before.assign(total)
         self.layer_norms.assign(norms)
         self.nonfinite.assign(counts)
+        self.window_count.assign_add(1.0)
         threshold, verdict = tf.py_function(self._decide, [total, counts], [tf.float32, tf.int32])
         threshold.set_shape(())
         verdict.set_shape(())
@@ -259,6 +264,8 @@ class GradOptimizer(keras.optimizers.Optimizer):
                 clipped = self._agc(clipped, trainable_variables)
                 after = self._norms(clipped)[1]
             self.norm_after.assign(after)
+            self.sum_norm.assign_add(ops.where(ops.isfinite(total), total, 0.0))
+            self.sum_norm_after.assign_add(after)
             self.last_skipped.assign(0.0)
             self.inner_optimizer.apply(clipped, trainable_variables)
             return tf.constant(True)
