@@ -49,6 +49,17 @@ def _figure(figsize=(6.4, 3.6)):
     return fig, fig.add_subplot()
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, logy: bool = False, legend: dict | None = None) -> Figure:
+    """Labels, title, optional log y-axis and a legend: what every figure of the book has."""
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(**{"fontsize": 8, **(legend or {})})
+    return fig
+
+
 def loss_curves(curves: dict, title: str = "Training loss", logy: bool = True, blowup: float = 1e6,
                 styles: dict | None = None) -> Figure:
     """Loss against step, one line per entry of ``curves`` (label -> losses).
@@ -74,13 +85,7 @@ def loss_curves(curves: dict, title: str = "Training loss", logy: bool = True, b
                     label=f"{label}: diverged at step {d}")
             ax.annotate(f"non-finite at step {d}", (d, y), textcoords="offset points", xytext=(-8, 6), ha="right",
                         color=color, fontsize=8)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss" + (" (log scale)" if logy else ""))
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "step", "loss" + (" (log scale)" if logy else ""), title, logy)
 
 
 def gradient_flow(series: dict, layer_names=None, title: str = "Gradient norm per layer") -> Figure:
@@ -96,14 +101,9 @@ def gradient_flow(series: dict, layer_names=None, title: str = "Gradient norm pe
         norms = np.asarray(norms, dtype=float)
         n = max(n, len(norms))
         ax.plot(np.arange(1, len(norms) + 1), norms, marker="o", markersize=3, label=label, color=_color(label, i))
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (input side first)")
-    ax.set_ylabel("gradient norm (log scale)")
     if layer_names is not None:
         ax.set_xticks(np.arange(1, len(layer_names) + 1), labels=list(layer_names), rotation=90, fontsize=7)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "layer (input side first)", "gradient norm (log scale)", title, logy=True)
 
 
 def norm_history(norms, threshold=None, clipped=None, skipped=None, title: str = "Global gradient norm") -> Figure:
@@ -136,12 +136,7 @@ def norm_history(norms, threshold=None, clipped=None, skipped=None, title: str =
         i = _idx(skipped)
         y = np.where(np.isfinite(norms[i]), norms[i], np.nanmax(norms[finite]) if finite.any() else 1.0)
         ax.scatter(i, y, color=PALETTE["spike"], marker="v", s=30, zorder=4, label="skipped step")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("global gradient norm (log scale)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "step", "global gradient norm (log scale)", title, logy=True)
 
 
 def lr_range_curve(lrs, losses, suggested_lr=None, title: str = "Learning-rate range test") -> Figure:
@@ -151,11 +146,7 @@ def lr_range_curve(lrs, losses, suggested_lr=None, title: str = "Learning-rate r
     if suggested_lr is not None:
         ax.axvline(suggested_lr, color=PALETTE["threshold"], ls="--", label=f"suggested lr = {suggested_lr:.2g}")
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "learning rate (log scale)", "loss", title)
 
 
 def quadratic_trajectory(A, trajectory, lr: float, title: str | None = None) -> Figure:
@@ -175,12 +166,9 @@ def quadratic_trajectory(A, trajectory, lr: float, title: str | None = None) -> 
     ax.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none", label="minimum")
     ax.set_xlim(-r, r)
     ax.set_ylim(-r, r)
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
     verdict = "converges" if lr < 2 / lam_max else "diverges"
-    ax.set_title(title or f"lr = {lr:.3g}, 2/λmax = {2 / lam_max:.3g}: {verdict}")
-    ax.legend(fontsize=8, loc="upper right")
-    return fig
+    return _finish(fig, ax, "$x_1$", "$x_2$", title or f"lr = {lr:.3g}, 2/λmax = {2 / lam_max:.3g}: {verdict}",
+                   legend={"loc": "upper right"})
 
 
 def update_ratios(ratios: dict, title: str = "Update-to-weight ratio per layer") -> Figure:
@@ -189,12 +177,8 @@ def update_ratios(ratios: dict, title: str = "Update-to-weight ratio per layer")
     for i, (label, values) in enumerate(ratios.items()):
         ax.plot(np.asarray(values, dtype=float), label=label, color=_CYCLE[i % len(_CYCLE)], lw=1)
     ax.axhline(1e-3, color=PALETTE["threshold"], ls=":", label="1e-3 rule of thumb")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("update / weight norm (log scale)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    return fig
+    return _finish(fig, ax, "step", "update / weight norm (log scale)", title, logy=True,
+                   legend={"fontsize": 7, "ncol": 2})
 
 
 
@@ -203,11 +187,7 @@ def sharpness_curve(steps, sharpness, lr: float, title: str = "Sharpness during 
     fig, ax = _figure()
     ax.plot(steps, sharpness, marker="o", markersize=3, color=PALETTE["torch"], label="sharpness λmax (PyTorch)")
     ax.axhline(2.0 / lr, color=PALETTE["threshold"], ls="--", label=f"2 / lr = {2.0 / lr:.3g}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("top Hessian eigenvalue")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "step", "top Hessian eigenvalue", title)
 
 
 def gradient_through_time(series: dict, title: str = "Gradient reaching each time step") -> Figure:
@@ -216,12 +196,8 @@ def gradient_through_time(series: dict, title: str = "Gradient reaching each tim
     for i, (label, values) in enumerate(series.items()):
         values = np.asarray(values, dtype=float)
         ax.plot(np.arange(len(values)), values, label=label, color=_color(label, i), lw=1.5)
-    ax.set_yscale("log")
-    ax.set_xlabel("time step t (the loss is read at the last step)")
-    ax.set_ylabel("||dL/dx_t|| (log scale)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "time step t (the loss is read at the last step)", "||dL/dx_t|| (log scale)", title,
+                   logy=True)
 
 
 def loss_surface(W, B, loss, point=None, step=None, title: str = "Loss surface") -> Figure:

@@ -147,6 +147,9 @@ def test_clipper_reports_before_and_after(policy):
     (lambda m: gt.Accumulator(m, torch.optim.SGD(m.parameters(), lr=0.1), accumulation_steps=0), ValueError,
      "accumulation_steps must be an int >= 1, got 0"),
     (lambda m: gt.Monitor(m, every=0), ValueError, "every must be an int >= 1, got 0"),
+    (lambda m: gt.Accumulator(m, torch.optim.SGD(m.parameters(), lr=0.1), 2, clipper=gt.Clipper(1.0),
+                              guard=gt.GradGuard(m, torch.optim.SGD(m.parameters(), lr=0.1), clipper=gt.Clipper(2.0))),
+     ValueError, "clipper and guard.clipper are both set and differ"),
 ])
 def test_bad_input(call, exc, message):
     m = tiny_mlp()

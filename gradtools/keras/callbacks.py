@@ -114,6 +114,6 @@ class GradientLogger(keras.callbacks.Callback):
         if opt.accumulation_steps > 1 and int(opt.micro_step.numpy()) % opt.accumulation_steps:
             return  # not an optimizer step
         for key, value in logs.items():
-            if key == "grad_norm_mean" or key.startswith(("grad_norm", "clip_threshold", "skipped_steps", "nonfinite")):
+            if key.startswith(("grad_norm", "clip_threshold", "skipped_steps", "nonfinite")):
                 self.history.setdefault(key, []).append(float(value))
 

@@ -66,6 +66,10 @@ class Accumulator:
         self.model = model
         self.optimizer = optimizer
         self.accumulation_steps = _checks.integer("accumulation_steps", accumulation_steps, minimum=1)
+        if guard is not None and clipper is not None:
+            if guard.clipper is not None and guard.clipper is not clipper:
+                raise ValueError("clipper and guard.clipper are both set and differ: give the clipper to one of them")
+            guard.clipper = clipper  # the guard clips after checking, before stepping
         self.clipper = clipper
         self.guard = guard
         self.reduction = _checks.choice("reduction", reduction, {"mean", "sum"})
@@ -152,8 +156,6 @@ class Accumulator:
         if self.reduction == "mean":
             torch._foreach_div_(grads, float(self.samples))
         if self.guard is not None:
-            if self.clipper is not None and self.guard.clipper is None:
-                self.guard.clipper = self.clipper
             self.last_guard = self.guard.step()
         else:
             if self.clipper is not None:

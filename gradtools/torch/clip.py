@@ -19,7 +19,7 @@ import torch
 
 from gradtools import _checks
 from gradtools.policies import get_policy
-from gradtools.torch.norms import _foreach_norms, _named_parameters, _raise_nonfinite, _total, grad_stats, named_grads
+from gradtools.torch.norms import _foreach_norms, _named_parameters, _raise_nonfinite, _total, device_groups, grad_stats
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "adaptive_clip_grad_", "Clipper", "ClipResult"]
 
@@ -42,12 +42,9 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     if not grads:
         return
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _), group in groups.items():
-        use_foreach = foreach if foreach is not None else device.type in {"cpu", "cuda", "xpu", "mps"}
-        c = coef.to(device)
+    for idx, use_foreach in device_groups(grads, foreach):
+        group = [grads[i] for i in idx]
+        c = coef.to(group[0].device)
         if use_foreach:
             torch._foreach_mul_(group, c)
         else:
@@ -106,11 +103,8 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
     """
     clip_value = _checks.positive("clip_value", clip_value)
     grads = _grads_for_clip(parameters)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _), group in groups.items():
-        use_foreach = foreach if foreach is not None else device.type in {"cpu", "cuda", "xpu", "mps"}
+    for idx, use_foreach in device_groups(grads, foreach):
+        group = [grads[i] for i in idx]
         if use_foreach:
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)
@@ -202,18 +196,16 @@ class Clipper:
 
     @torch.no_grad()
     def __call__(self, parameters, stats=None) -> ClipResult:
-        names, grads = named_grads(parameters)
         total = stats.total if stats is not None else grad_stats(parameters, self.norm_type, count_nonfinite=False).total
         # The policy needs the norm as a number: one host sync per step, inherent to
         # adaptive thresholds (a fixed threshold could avoid it, but then use clip_grad_norm_).
-        threshold = self.policy.step(float(total))
-        clipped = bool(total > threshold)
-        if clipped:
-            clip_grads_with_norm_(parameters, threshold, total)
-            after = torch.linalg.vector_norm(torch.stack(_foreach_norms(grads, self.norm_type, None)), self.norm_type)
-        else:
-            after = total
-        return ClipResult(total, after, threshold, clipped)
+        norm = float(total)
+        threshold = self.policy.step(norm)
+        if norm <= threshold:
+            return ClipResult(total, total, threshold, False)
+        coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
+        clip_grads_with_norm_(parameters, threshold, total)
+        return ClipResult(total, total * coef, threshold, True)  # the norm scales linearly: no second pass
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "norm_type": self.norm_type}

@@ -12,6 +12,7 @@ scaling is expected and only lowers the scale, so it is counted apart).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -88,7 +89,8 @@ class GradGuard:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         stats = grad_stats(self.model)
-        first_bad = None if stats.is_finite() else (stats.first_nonfinite() or "<overflow>")
+        norm = float(stats.total)  # the one host read of a normal step
+        first_bad = None if math.isfinite(norm) else (stats.first_nonfinite() or "<overflow>")
         if first_bad is not None and self.scaler is not None and self.decider.action != "raise":
             # Dynamic loss scaling overflow: the scaler skips the step and lowers the scale.
             self.scaler.step(self.optimizer)
@@ -97,7 +99,7 @@ class GradGuard:
             self.decider.skip("overflow")
             return GuardResult(False, "overflow", stats)
         bad_count = int(stats.nonfinite.sum()) if first_bad is not None else 0
-        decision = self.decider.decide(float(stats.total), first_bad, bad_count)
+        decision = self.decider.decide(norm, first_bad, bad_count)
         if decision.reason == "zero":
             for p in self.model.parameters():
                 if p.grad is not None:

@@ -68,19 +68,27 @@ def named_grads(parameters, arg: str = "parameters", *, require_grads: bool = Tr
     return [n for n, _ in kept], [g for _, g in kept]
 
 
-def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> list[torch.Tensor]:
-    """Per-tensor norms, grouped by device and dtype like torch.nn.utils does."""
-    first = tensors[0]
-    if foreach is not False and first.device.type in {"cpu", "cuda", "xpu", "mps"} and all(
-            t.device == first.device and t.dtype == first.dtype for t in tensors):
-        return list(torch._foreach_norm(tensors, norm_type))  # the common case: one group
-    out: list[torch.Tensor | None] = [None] * len(tensors)
+_FOREACH_DEVICES = {"cpu", "cuda", "xpu", "mps"}
+
+
+def device_groups(tensors: list[torch.Tensor], foreach: bool | None):
+    """``(indices, use_foreach)`` per (device, dtype) group, as ``torch.nn.utils`` groups them."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     for (device, _), idx in groups.items():
+        yield idx, (foreach if foreach is not None else device.type in _FOREACH_DEVICES)
+
+
+def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> list[torch.Tensor]:
+    """Per-tensor norms, grouped by device and dtype like torch.nn.utils does."""
+    first = tensors[0]
+    if foreach is not False and first.device.type in _FOREACH_DEVICES and all(
+            t.device == first.device and t.dtype == first.dtype for t in tensors):
+        return list(torch._foreach_norm(tensors, norm_type))  # the common case: one group
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for idx, use_foreach in device_groups(tensors, foreach):
         group = [tensors[i] for i in idx]
-        use_foreach = foreach if foreach is not None else device.type in {"cpu", "cuda", "xpu", "mps"}
         norms = torch._foreach_norm(group, norm_type) if use_foreach else [
             torch.linalg.vector_norm(t, norm_type) for t in group
         ]
