@@ -206,7 +206,12 @@ def test_config_round_trip_and_save_load(tmp_path):
     assert loaded.optimizer.get_config() == opt.get_config()
     for a, b in zip(loaded.weights, model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[gk.GradientLogger()])
+    logger = gk.GradientLogger()
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    assert len(logger.history["grad_norm"]) == len(x) // 8 // 2  # 2 micro-batches per step
+    loaded.save(path)  # the recording buffer is not a model or optimizer variable
+    assert len(keras.models.load_model(path).optimizer.variables) == len(loaded.optimizer.variables)
+    assert not any("record" in v.path for v in loaded.optimizer.variables)
 
 
 @pytest.mark.parametrize("call, exc, message", [
@@ -229,23 +234,74 @@ def test_bad_input(call, exc, message):
         call()
 
 
-def test_fast_logger_puts_stats_in_batch_logs_without_a_batch_hook():
-    x, y = _data(32)
+class _BatchReader(keras.callbacks.Callback):
+    async_safe = False
+
+    def __init__(self):
+        super().__init__()
+        self.logs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.logs.append(dict(logs))
+
+
+def test_logger_records_every_step_in_graph_and_puts_layer_means_in_epoch_logs():
+    x, y = _data(48)
+    x[8:16] = np.inf  # batch 1 of 6 in each epoch is skipped
     opt = gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=0.5)
     model = _compiled(opt)
-    seen = []
+    reader = _BatchReader()
+    logger = gk.GradientLogger()
+    hist = model.fit(x[16:], y[16:], validation_data=(x[16:24], y[16:24]), verbose=0)  # train once without it
+    hist = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, validation_data=(x[16:24], y[16:24]),
+                     callbacks=[logger, reader])
+    assert logger.async_safe and logger.lost_steps == 0
+    # every step, from the in-graph buffer, equal to what each batch's logs carried
+    assert len(logger.history["grad_norm"]) == 12
+    np.testing.assert_array_equal(logger.history["grad_norm"], [b["grad_norm"] for b in reader.logs])  # NaN == NaN
+    assert logger.history["skipped_steps"] == [float(b["skipped_steps"]) for b in reader.logs] == \
+        [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert all(a > b == pytest.approx(0.5, rel=1e-5) for a, b in
+               zip(logger.history["grad_norm"], logger.history["grad_norm_clipped"]) if np.isfinite(a))
+    kernel = next(k for k in logger.history if k.startswith("grad_norm/") and k.endswith("dense_0/kernel"))
+    assert not any(k.startswith("grad_norm/") for k in reader.logs[0])  # per-layer stays out of batch logs
+    per_layer = [k for k in logger.history if k.startswith("grad_norm/")]
+    assert len(per_layer) == len(model.trainable_variables)
+    total = np.sqrt(np.sum([np.square(logger.history[k]) for k in per_layer], axis=0))
+    np.testing.assert_allclose(total[[0, 2, 3, 4, 5]], np.array(logger.history["grad_norm"])[[0, 2, 3, 4, 5]], rtol=1e-5)
+    # epoch logs: per-layer means over the epoch's applied steps, survive validation (evaluate resets metrics)
+    for epoch, rows in enumerate([range(0, 6), range(6, 12)]):
+        applied = [i for i in rows if i % 6 != 1]
+        assert hist.history["grad_norm_mean/" + kernel[len("grad_norm/"):]][epoch] == pytest.approx(
+            np.mean([logger.history[kernel][i] for i in applied]), rel=1e-5)
+        assert hist.history["grad_norm_mean"][epoch] == pytest.approx(
+            np.mean([logger.history["grad_norm"][i] for i in applied]), rel=1e-5)
 
-    class Reader(keras.callbacks.Callback):
-        async_safe = False
 
-        def on_train_batch_end(self, batch, logs=None):
-            seen.append((float(logs["grad_norm"]), float(logs["grad_norm_clipped"])))
+def test_logger_per_layer_batch_logs_and_no_recording():
+    x, y = _data(32)
+    model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.05)))
+    reader = _BatchReader()
+    fast = gk.GradientLogger(per_layer=True, record_batches=False, per_layer_batch_logs=True)
+    hist = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[fast, reader])
+    assert fast.history == {}
+    key = next(k for k in reader.logs[0] if k.startswith("grad_norm/") and k.endswith("dense_0/kernel"))
+    assert len({b[key] for b in reader.logs}) == 4 and key in hist.history
+    assert hist.history["grad_norm_mean/" + key[len("grad_norm/"):]][0] == pytest.approx(
+        np.mean([b[key] for b in reader.logs]), rel=1e-5)
 
-    fast = gk.GradientLogger(per_layer=True, record_batches=False)
-    hist = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[fast, Reader()])
-    assert fast.async_safe and fast.history == {}
-    assert len(seen) == 4 and all(a > b == pytest.approx(0.5, rel=1e-5) for a, b in seen)
-    assert any(k.startswith("grad_norm/") and k.endswith("dense_0/kernel") for k in hist.history)
+
+def test_logger_buffer_overflow_warns_and_keeps_the_newest_steps():
+    x, y = _data(40)
+    model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.05)))
+    reader = _BatchReader()
+    logger = gk.GradientLogger(per_layer=False, buffer_steps=3)
+    with pytest.warns(RuntimeWarning, match="2 steps did not fit in the buffer of 3 rows"):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger, reader])
+    assert logger.lost_steps == 2
+    assert logger.history["grad_norm"] == [float(b["grad_norm"]) for b in reader.logs[2:]]
+    with pytest.raises(ValueError, match="buffer_steps must be an int >= 1, got 0"):
+        gk.GradientLogger(buffer_steps=0)
 
 
 def test_logger_needs_grad_optimizer():

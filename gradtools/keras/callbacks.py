@@ -1,15 +1,19 @@
-"""Gradient statistics from ``GradOptimizer`` in ``fit()``'s logs: a metric and a callback.
+"""Gradient statistics from ``GradOptimizer`` in ``fit()``'s logs and in a per-step history.
 
 :class:`GradientStats` is a Keras metric whose ``result()`` reads the
 ``GradOptimizer``'s statistics inside the compiled train step, so they arrive
-in the batch logs with the loss, consistent with the step that produced them
-(and ``fit()`` keeps dispatching callbacks asynchronously). :class:`GradientLogger`
-attaches it to the model; optionally it also records every batch's values in
-``self.history`` (a per-batch hook, which makes ``fit()`` wait for each batch).
+in the batch logs with the loss, consistent with the step that produced them.
+:class:`GradientLogger` attaches it to the model and, for the per-step history,
+has the optimizer write one row per step into a buffer inside the graph, read
+once per epoch: no per-batch hook, so ``fit()`` keeps dispatching callbacks
+asynchronously and nothing waits on the host between steps.
 """
 
 from __future__ import annotations
 
+import warnings
+
+from gradtools import _checks
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -27,7 +31,7 @@ class GradientStats(keras.metrics.Metric):
     ``nonfinite`` (last step) and, with ``per_layer``, ``grad_norm/<variable path>``.
     """
 
-    def __init__(self, optimizer, per_layer: bool = True, name: str = "gradient_stats"):
+    def __init__(self, optimizer, per_layer: bool = False, name: str = "gradient_stats"):
         super().__init__(name=name)
         self._optimizer = optimizer
         self.per_layer = bool(per_layer)
@@ -38,56 +42,54 @@ class GradientStats(keras.metrics.Metric):
     def reset_state(self):
         opt = self._optimizer
         if opt.built:  # a new epoch: restart the running means
-            for v in (opt.sum_norm, opt.sum_norm_after, opt.window_count):
+            for v in (opt.sum_norm, opt.sum_norm_after, opt.applied_count):
                 v.assign(ops.zeros_like(v))
 
     def result(self):
         opt = self._optimizer
-        if not opt.built:
-            return {}
-        applied = ops.maximum(opt.window_count - opt.skipped, 1.0)
-        out = {
-            "grad_norm": opt.norm_before,
-            "grad_norm_clipped": opt.norm_after,
-            "grad_norm_mean": opt.sum_norm / applied,
-            "grad_norm_clipped_mean": opt.sum_norm_after / applied,
-            "clip_threshold": opt.threshold,
-            "skipped_steps": opt.skipped,
-            "nonfinite": ops.sum(opt.nonfinite),
-        }
-        if self.per_layer:
-            for i, name in enumerate(opt.variable_names):
-                out[f"grad_norm/{name}"] = opt.layer_norms[i]
-        return {k: ops.convert_to_tensor(v) for k, v in out.items()}
+        return opt.statistics(self.per_layer) if opt.built else {}
 
 
 class GradientLogger(keras.callbacks.Callback):
-    """Put gradient statistics into the batch and epoch logs of ``model.fit()``.
+    """Gradient statistics of ``model.fit()``: in the batch and epoch logs, and every step in ``self.history``.
 
-    Requires the model to be compiled with a :class:`GradOptimizer`. It attaches a
-    :class:`GradientStats` metric, so every batch's logs carry ``grad_norm``,
-    ``grad_norm_clipped``, ``grad_norm_mean`` (epoch so far), ``clip_threshold``,
-    ``skipped_steps``, ``nonfinite`` and, with ``per_layer=True``,
-    ``grad_norm/<variable path>``; ``History``, ``CSVLogger`` and TensorBoard see them.
+    Requires the model to be compiled with a :class:`GradOptimizer`.
+
+    * Batch logs (so ``History``, ``CSVLogger`` and TensorBoard see them): ``grad_norm``,
+      ``grad_norm_clipped``, ``grad_norm_mean`` (epoch so far), ``grad_norm_clipped_mean``,
+      ``clip_threshold``, ``skipped_steps`` and ``nonfinite``; with ``per_layer_batch_logs=True``
+      also ``grad_norm/<variable path>`` for every variable.
+    * Epoch logs: the same, plus ``grad_norm_mean/<variable path>`` (the epoch's mean per
+      variable) when ``per_layer``. Put the logger before ``CSVLogger``/``TensorBoard`` in
+      ``callbacks`` so that they see those keys.
+    * ``self.history``: with ``record_batches``, every optimizer step's values (lists per key,
+      per-variable norms included when ``per_layer``), recorded inside the train step and
+      read once per epoch.
 
     Args:
-        per_layer (bool): per-variable norms too, default True.
-        record_batches (bool): also keep every optimizer step's values in
-            ``self.history`` (lists per key), default True. This needs a per-batch
-            hook, which makes ``fit()`` wait for each batch; set False for speed.
+        per_layer (bool): per-variable norms in the history and epoch logs, default True.
+        record_batches (bool): keep every optimizer step in ``self.history``, default True.
+        per_layer_batch_logs (bool): per-variable norms in every batch's logs too, default
+            False (a few dozen more values per step to move to the host).
+        buffer_steps (int or None): rows the in-graph buffer holds between two reads;
+            default: the number of batches in an epoch (4096 when unknown).
 
     Example:
         >>> import keras, gradtools.keras as gk
-        >>> logger = gk.GradientLogger(per_layer=True, record_batches=False)
+        >>> logger = gk.GradientLogger(per_layer=True)
     """
 
-    def __init__(self, per_layer: bool = True, record_batches: bool = True):
+    async_safe = True  # no batch hook: fit() may dispatch asynchronously
+
+    def __init__(self, per_layer: bool = True, record_batches: bool = True, per_layer_batch_logs: bool = False,
+                 buffer_steps: int | None = None):
         super().__init__()
         self.per_layer = bool(per_layer)
         self.record_batches = bool(record_batches)
+        self.per_layer_batch_logs = bool(per_layer_batch_logs)
+        self.buffer_steps = None if buffer_steps is None else _checks.integer("buffer_steps", buffer_steps, minimum=1)
         self.history: dict = {}
-        if not self.record_batches:
-            self.async_safe = True  # no batch hook: Keras may dispatch asynchronously
+        self.lost_steps = 0
 
     def set_model(self, model):
         super().set_model(model)
@@ -101,19 +103,44 @@ class GradientLogger(keras.callbacks.Callback):
             raise ValueError("GradientLogger/GradOptimizer need model.compile(..., jit_compile=False): the guard and "
                              "the clipping policies run on the host once per step, which XLA cannot compile")
         existing = [m for m in model.metrics if isinstance(m, GradientStats)]
-        if not existing or existing[0].per_layer != self.per_layer:
+        if not existing or existing[0].per_layer != self.per_layer_batch_logs:
             for m in existing:
                 model._metrics.remove(m)
-            model._gradtools_stats = GradientStats(opt, self.per_layer)  # tracked into model._metrics
+            model._gradtools_stats = GradientStats(opt, self.per_layer_batch_logs)  # tracked into model._metrics
             model.train_function = None  # rebuild the train step with the metric in it
 
-    def on_train_batch_end(self, batch, logs=None):
-        if not self.record_batches or logs is None or "grad_norm" not in logs:
-            return
+    def on_train_begin(self, logs=None):
         opt = self.model.optimizer
-        if opt.accumulation_steps > 1 and int(opt.micro_step.numpy()) % opt.accumulation_steps:
-            return  # not an optimizer step
-        for key, value in logs.items():
-            if key.startswith(("grad_norm", "clip_threshold", "skipped_steps", "nonfinite")):
-                self.history.setdefault(key, []).append(float(value))
+        if not opt.built:
+            opt.build(self.model.trainable_variables)
+        if self.record_batches:
+            steps = self.params.get("steps") if self.params else None
+            retrace = opt.start_recording(self.buffer_steps or steps or 4096, per_layer=self.per_layer)
+        else:
+            retrace = opt.stop_recording()
+        if retrace and self.model.train_function is not None:  # the buffer is captured when the step is traced
+            self.model.train_function = None
+            self.model.make_train_function()
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.reset_epoch_layer_means()
+
+    def flush(self):
+        """Move the rows recorded so far into ``self.history`` (done at every epoch's end)."""
+        if not self.record_batches:
+            return
+        rows, lost = self.model.optimizer.read_recording()
+        for key, values in rows.items():
+            self.history.setdefault(key, []).extend(values)
+        if lost:
+            self.lost_steps += lost
+            warnings.warn(f"GradientLogger: {lost} steps did not fit in the buffer of {self.buffer_steps or 'one epoch'}"
+                          " rows and were not recorded; pass a larger buffer_steps", RuntimeWarning, stacklevel=2)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.flush()
+        if self.per_layer and logs is not None:
+            logs.update({f"grad_norm_mean/{k}": v for k, v in self.model.optimizer.epoch_layer_means().items()})
+
+    def on_train_end(self, logs=None):
+        self.flush()
