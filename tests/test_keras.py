@@ -214,6 +214,39 @@ def test_config_round_trip_and_save_load(tmp_path):
     assert not any("record" in v.path for v in loaded.optimizer.variables)
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_resumed_run_takes_the_same_decisions_as_an_uninterrupted_one(tmp_path, suffix):
+    x, y = _data(64)
+    x[40:48] = 30.0  # a spike the detector skips, in the second half
+
+    def make():
+        return _compiled(gk.GradOptimizer(keras.optimizers.Adam(1e-2), clip=AutoClip(percentile=30),
+                                          spike=SpikeDetector(window=10, min_history=3, z_thresh=3.0)))
+
+    whole, whole_log = make(), gk.GradientLogger(per_layer=False)
+    whole.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[whole_log])
+    first, first_log = make(), gk.GradientLogger(per_layer=False)
+    first.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[first_log])
+    path = str(tmp_path / f"model{suffix}")
+    if suffix == ".keras":
+        first.save(path)
+        second = keras.models.load_model(path)
+    else:
+        first.save_weights(path)
+        second = make()
+        second.optimizer.build(second.trainable_variables)
+        second.load_weights(path)
+    assert second.optimizer.decider.state_dict() == first.optimizer.decider.state_dict()
+    second_log = gk.GradientLogger(per_layer=False)
+    second.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[second_log])
+    assert first_log.history["clip_threshold"] + second_log.history["clip_threshold"] == whole_log.history["clip_threshold"]
+    # a cold AutoClip would clip the first step to its own norm: the restored history does not
+    assert second_log.history["clip_threshold"][0] != second_log.history["grad_norm"][0]
+    assert float(whole.optimizer.skipped.numpy()) == float(second.optimizer.skipped.numpy()) >= 2.0
+    for a, b in zip(whole.weights, second.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 @pytest.mark.parametrize("call, exc, message", [
     (lambda: gk.GradOptimizer("adam"), TypeError, "inner_optimizer must be a keras.optimizers.Optimizer, got str"),
     (lambda: gk.GradOptimizer(keras.optimizers.SGD(), clip=-1.0), ValueError,

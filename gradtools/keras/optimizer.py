@@ -30,14 +30,17 @@ unlike Keras' own ``gradient_accumulation_steps``, whose schedules count
 micro-batches (see :func:`accumulation_aware`).
 
 Requirements: a non-XLA train function (``jit_compile=False``; automatic when
-``gradtools.runtime.setup`` turned on determinism). Policy state (AutoClip
-history, ZClip statistics) is kept in Python and is not written into ``.keras``
-files; the configuration is.
+``gradtools.runtime.setup`` turned on determinism). The policy's and the guard's
+running state (AutoClip history, ZClip statistics, spike window, skip counters)
+is written into ``.keras`` and ``.weights.h5`` files with the optimizer's
+variables, so a resumed run takes the same decisions as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 
 import numpy as np
 
@@ -259,6 +262,27 @@ class GradOptimizer(keras.optimizers.Optimizer):
         index = rec["count"] % rec["capacity"]
         rec["buffer"].scatter_nd_update(ops.reshape(index, (1, 1)), ops.expand_dims(row, 0))
         rec["count"].assign_add(1)
+
+    # ------------------------------------------------------------------ saving
+    _STATE_KEY = "gradtools_state"
+
+    def save_own_variables(self, store):
+        """Variables as Keras saves them, plus the guard's and policy's running state (JSON, as bytes)."""
+        super().save_own_variables(store)
+        state = json.dumps(self.decider.state_dict()).encode()
+        store[self._STATE_KEY] = np.frombuffer(state, dtype=np.uint8)
+
+    def load_own_variables(self, store):
+        keys = [k for k in store.keys() if k != self._STATE_KEY]
+        if len(keys) != len(self.variables):
+            warnings.warn(f"Skipping variable loading for optimizer {self.name!r}: it has {len(self.variables)} "
+                          f"variables, the saved one {len(keys)}", stacklevel=2)
+            return
+        for i, variable in enumerate(self.variables):
+            variable.assign(store[str(i)])
+        if self._STATE_KEY in store.keys():  # absent in files that an older gradtools wrote
+            raw = np.asarray(store[self._STATE_KEY], dtype=np.uint8).tobytes()
+            self.decider.load_state_dict(json.loads(raw.decode()))
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
