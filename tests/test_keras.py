@@ -174,6 +174,22 @@ def test_accumulation_equals_large_batch_and_schedules_count_optimizer_steps():
     assert float(fixed(8)) == pytest.approx(float(warm(2))) and float(fixed(8)) != pytest.approx(float(warm(8)))
 
 
+def test_flush_applies_a_partial_window_as_its_own_batch():
+    x, y = _data(40)
+    big = _compiled(keras.optimizers.SGD(0.1))
+    big.train_on_batch(x[:32], y[:32])
+    big.train_on_batch(x[32:], y[32:])
+    opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), accumulation_steps=4)
+    acc = _compiled(opt)
+    flushed = []
+    acc.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+            callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: flushed.append(opt.flush()))])
+    assert flushed == [True] and opt.flush() is False  # nothing left
+    assert int(opt.iterations.numpy()) == 2
+    for a, b in zip(acc.weights, big.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_agc_matches_pytorch():
     w = init_mlp(SIZES, seed=1)
     x, y = _data()

@@ -429,6 +429,28 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
         tf.cond(self.micro_step % self.accumulation_steps == 0, boundary, lambda: tf.constant(False))
 
+    def flush(self) -> bool:
+        """Apply a partial accumulation window now (eagerly), e.g. at an epoch's end.
+
+        The window's gradient is the mean over the micro-batches it holds, so the
+        step equals one on their concatenation when they have the same size. Returns
+        True if a step was taken (or skipped by the guard), False if the window was empty.
+        Without it, a partial window carries over into the next epoch's first window::
+
+            keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: opt.flush())
+        """
+        if self.accumulation_steps == 1 or not self.built:
+            return False
+        held = int(self.micro_step.numpy()) % self.accumulation_steps
+        if held == 0:
+            return False
+        averaged = [ops.convert_to_tensor(acc) / float(held) for acc in self.accumulators]
+        self._apply_window(averaged, list(self._trainable_variables))
+        for acc in self.accumulators:
+            acc.assign(ops.zeros_like(acc))
+        self.micro_step.assign_add(self.accumulation_steps - held)
+        return True
+
     def apply_gradients(self, grads_and_vars):
         grads, variables = zip(*grads_and_vars)
         self.apply(list(grads), list(variables))
