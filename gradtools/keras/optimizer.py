@@ -27,7 +27,11 @@ gradients are averaged, and everything above runs once per window, on the
 accumulated gradient. The inner optimizer's ``iterations`` therefore counts
 optimizer steps, so a learning-rate schedule (warm-up!) sees the right step,
 unlike Keras' own ``gradient_accumulation_steps``, whose schedules count
-micro-batches (see :func:`accumulation_aware`).
+micro-batches (see :func:`accumulation_aware`). The optimizer never sees batch
+sizes, so every micro-batch weighs the same: a smaller last batch (a dataset
+size that is not a multiple of the batch size) counts as much as a full one.
+A partial window at an epoch's end carries over into the next epoch, unless
+:meth:`GradOptimizer.flush` applies it.
 
 Requirements: a non-XLA train function (``jit_compile=False``; automatic when
 ``gradtools.runtime.setup`` turned on determinism). The policy's and the guard's
