@@ -327,6 +327,32 @@ def test_logger_records_every_step_in_graph_and_puts_layer_means_in_epoch_logs()
             np.mean([logger.history["grad_norm"][i] for i in applied]), rel=1e-5)
 
 
+def test_csvlogger_and_tensorboard_see_the_statistics(tmp_path):
+    import csv
+    import glob
+
+    x, y = _data(32)
+    model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=0.5))
+    logger = gk.GradientLogger()
+    callbacks = [logger, keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+                 keras.callbacks.TensorBoard(str(tmp_path / "tb"), update_freq="batch", write_graph=False)]
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    key = next(k for k in rows[0] if k.startswith("grad_norm_mean/") and k.endswith("dense_0/kernel"))
+    layer = "grad_norm/" + key[len("grad_norm_mean/"):]
+    assert [float(r[key]) for r in rows] == pytest.approx(
+        [np.mean(logger.history[layer][:4]), np.mean(logger.history[layer][4:])], rel=1e-5)
+    assert float(rows[1]["grad_norm_clipped"]) == pytest.approx(0.5, rel=1e-5)
+    scalars = {}  # tag -> values, from the event files
+    for path in glob.glob(str(tmp_path / "tb" / "train" / "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                if v.metadata.plugin_data.plugin_name == "scalars":
+                    scalars.setdefault(v.tag, []).append(float(tf.make_ndarray(v.tensor)))
+    assert {"epoch_grad_norm", "epoch_grad_norm_mean", "epoch_" + key} <= set(scalars)
+    assert scalars["batch_grad_norm"] == pytest.approx(logger.history["grad_norm"], rel=1e-6)
+
+
 def test_logger_per_layer_batch_logs_and_no_recording():
     x, y = _data(32)
     model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.05)))

@@ -205,6 +205,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         return dict(zip(self._var_names, (self.sum_layer_norms.numpy() / applied).tolist()))
 
     def reset_epoch_layer_means(self):
+        """Restart the per-variable running means (``GradientLogger`` does it at each epoch's start)."""
         self.sum_layer_norms.assign(ops.zeros_like(self.sum_layer_norms))
         self.layer_applied_count.assign(0.0)
 
