@@ -353,6 +353,25 @@ def test_csvlogger_and_tensorboard_see_the_statistics(tmp_path):
     assert scalars["batch_grad_norm"] == pytest.approx(logger.history["grad_norm"], rel=1e-6)
 
 
+def test_mixed_precision_loss_scaling_wraps_the_grad_optimizer():
+    x, y = _data(32)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.layers.Input((SIZES[0],)), keras.layers.Dense(16, activation="tanh"),
+                                  keras.layers.Dense(SIZES[-1], dtype="float32")])
+        opt = gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=0.5)
+        model.compile(optimizer=opt, loss="mse", jit_compile=False)
+        assert type(model.optimizer).__name__ == "LossScaleOptimizer" and model.optimizer.inner_optimizer is opt
+        logger = gk.GradientLogger()
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # the norms are of the unscaled gradients: the loss scale (2**15) does not appear in them
+    assert len(logger.history["grad_norm"]) == 4 and all(0 < n < 100 for n in logger.history["grad_norm"])
+    assert all(c == pytest.approx(min(n, 0.5), rel=1e-3)
+               for n, c in zip(logger.history["grad_norm"], logger.history["grad_norm_clipped"]))
+
+
 def test_logger_per_layer_batch_logs_and_no_recording():
     x, y = _data(32)
     model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.05)))

@@ -96,9 +96,15 @@ class GradientLogger(keras.callbacks.Callback):
         from gradtools.keras.optimizer import GradOptimizer
 
         opt = getattr(model, "optimizer", None)
+        # Mixed precision: compile() wraps the optimizer in a LossScaleOptimizer, which unscales the
+        # gradients and skips overflowing steps itself before GradOptimizer sees them.
+        while not isinstance(opt, GradOptimizer) and isinstance(getattr(opt, "inner_optimizer", None),
+                                                                 keras.optimizers.Optimizer):
+            opt = opt.inner_optimizer
         if not isinstance(opt, GradOptimizer):
             raise ValueError("GradientLogger needs the model compiled with gradtools.keras.GradOptimizer, got "
                              f"{type(opt).__name__}")
+        self.optimizer = opt
         if getattr(model, "jit_compile", False) is True:
             raise ValueError("GradientLogger/GradOptimizer need model.compile(..., jit_compile=False): the guard and "
                              "the clipping policies run on the host once per step, which XLA cannot compile")
@@ -110,7 +116,7 @@ class GradientLogger(keras.callbacks.Callback):
             model.train_function = None  # rebuild the train step with the metric in it
 
     def on_train_begin(self, logs=None):
-        opt = self.model.optimizer
+        opt = self.optimizer
         if not opt.built:
             opt.build(self.model.trainable_variables)
         if self.record_batches:
@@ -123,13 +129,13 @@ class GradientLogger(keras.callbacks.Callback):
             self.model.make_train_function()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.reset_epoch_layer_means()
+        self.optimizer.reset_epoch_layer_means()
 
     def flush(self):
         """Move the rows recorded so far into ``self.history`` (done at every epoch's end)."""
         if not self.record_batches:
             return
-        rows, lost = self.model.optimizer.read_recording()
+        rows, lost = self.optimizer.read_recording()
         for key, values in rows.items():
             self.history.setdefault(key, []).extend(values)
         if lost:
@@ -140,7 +146,7 @@ class GradientLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.flush()
         if self.per_layer and logs is not None:
-            logs.update({f"grad_norm_mean/{k}": v for k, v in self.model.optimizer.epoch_layer_means().items()})
+            logs.update({f"grad_norm_mean/{k}": v for k, v in self.optimizer.epoch_layer_means().items()})
 
     def on_train_end(self, logs=None):
         self.flush()
