@@ -139,11 +139,16 @@ def test_raise_names_the_variable_and_too_many_skips():
     x, y = _data(16)
     x[:] = np.nan
     model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.1), action="raise"))
-    with pytest.raises(Exception, match=r"non-finite gradient at step 1: first in variable 'sequential(_\d+)?/dense_0/kernel'"):
+    weights = [w.numpy().copy() for w in model.weights]
+    with pytest.raises(tf.errors.UnknownError,
+                       match=r"non-finite gradient at step 1: first in variable 'sequential(_\d+)?/dense_0/kernel'"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert isinstance(model.optimizer.last_error, gk.NonFiniteGradientError)  # the original, for `raise ... from`
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(weights, model.weights))  # nothing written
     model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.1), max_consecutive_skips=3))
-    with pytest.raises(Exception, match="skipped 3 consecutive steps"):
+    with pytest.raises(tf.errors.UnknownError, match="skipped 3 consecutive steps"):
         model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert isinstance(model.optimizer.last_error, gk.TooManySkipsError)
 
 
 def test_zero_action():

@@ -17,6 +17,11 @@ wrapper
    neither the weights nor the inner optimizer's variables (moments, iteration
    counter) change.
 
+With ``action="raise"`` (or after too many skips) training stops before the
+update. Inside ``fit()`` the error crosses the graph, so it reaches the caller as
+a ``tf.errors.UnknownError`` carrying the guard's message; the original
+``NonFiniteGradientError`` / ``TooManySkipsError`` is kept in ``last_error``.
+
 The statistics live in the wrapper's variables; :class:`GradientLogger` puts
 them into the batch and epoch ``logs`` (so ``History``, ``CSVLogger`` and
 TensorBoard see them) and, through an in-graph buffer written once per step,
@@ -49,7 +54,7 @@ import warnings
 import numpy as np
 
 from gradtools import _checks
-from gradtools.guard import StepDecider
+from gradtools.guard import NonFiniteGradientError, StepDecider, TooManySkipsError
 from gradtools.policies import Policy, SpikeDetector, get_policy
 from gradtools.runtime import import_keras
 
@@ -121,6 +126,9 @@ class GradOptimizer(keras.optimizers.Optimizer):
         self.decider = StepDecider(action, spike, max_consecutive_skips, self.policy, kind="variable")
         self.accumulation_steps = _checks.integer("accumulation_steps", accumulation_steps, minimum=1)
         self._var_names: list[str] = []
+        #: The guard's last error (NonFiniteGradientError or TooManySkipsError) as Python raised it;
+        #: inside fit() it reaches the caller wrapped in a tf.errors.UnknownError.
+        self.last_error = None
 
     # ------------------------------------------------------------------ state
     def build(self, var_list):
@@ -319,13 +327,21 @@ class GradOptimizer(keras.optimizers.Optimizer):
         counts = np.asarray(counts)
         bad = np.flatnonzero(counts)
         first = self._var_names[bad[0]] if len(bad) else None
-        d = self.decider.decide(float(total), first, int(counts.sum()))
+        try:
+            d = self.decider.decide(float(total), first, int(counts.sum()))
+        except (NonFiniteGradientError, TooManySkipsError) as exc:
+            self.last_error = exc  # fit() re-raises it wrapped in a tf.errors.UnknownError
+            raise
         if d.reason == "zero":
             return np.float32(math.inf), np.int32(2)
         return np.float32(d.threshold), np.int32(1 if d.proceed else 0)
 
     def _after_zeroing(self, total):
-        d = self.decider.after_zeroing(float(total))
+        try:
+            d = self.decider.after_zeroing(float(total))
+        except TooManySkipsError as exc:
+            self.last_error = exc
+            raise
         return np.float32(d.threshold), np.int32(1 if d.proceed else 0)
 
     @staticmethod
