@@ -64,6 +64,10 @@ from keras import ops  # noqa: E402
 
 __all__ = ["GradOptimizer", "accumulation_aware"]
 
+# The global statistics, in the order of fit()'s logs and of the recording buffer's first columns.
+GLOBAL_KEYS = ("grad_norm", "grad_norm_clipped", "grad_norm_mean", "grad_norm_clipped_mean", "clip_threshold",
+               "skipped_steps", "nonfinite")
+
 
 def _policy_config(policy):
     if policy is None or isinstance(policy, (int, float, str)):
@@ -193,19 +197,15 @@ class GradOptimizer(keras.optimizers.Optimizer):
         ``skipped_steps`` (cumulative), ``nonfinite`` and, with ``per_layer``, ``grad_norm/<variable path>``.
         """
         applied = ops.maximum(self.applied_count, 1.0)
-        out = {
-            "grad_norm": self.norm_before,
-            "grad_norm_clipped": self.norm_after,
-            "grad_norm_mean": self.sum_norm / applied,
-            "grad_norm_clipped_mean": self.sum_norm_after / applied,
-            "clip_threshold": self.threshold,
-            "skipped_steps": self.skipped,
-            "nonfinite": ops.sum(self.nonfinite),
-        }
-        out = {k: tf.convert_to_tensor(v) for k, v in out.items()}
+        values = (self.norm_before, self.norm_after, self.sum_norm / applied, self.sum_norm_after / applied,
+                  self.threshold, self.skipped, ops.sum(self.nonfinite))
+        out = {k: tf.convert_to_tensor(v) for k, v in zip(GLOBAL_KEYS, values)}
         if per_layer:
-            out.update(zip((f"grad_norm/{n}" for n in self._var_names), ops.unstack(self.layer_norms)))
+            out.update(zip(self._layer_keys(), ops.unstack(self.layer_norms)))
         return out
+
+    def _layer_keys(self) -> list:
+        return [f"grad_norm/{n}" for n in self._var_names]
 
     def epoch_layer_means(self) -> dict:
         """Mean per-variable gradient norm over the epoch's applied steps so far: ``{path: float}``."""
@@ -232,7 +232,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         if current is not None and current["capacity"] >= capacity and current["per_layer"] == per_layer:
             current["count"].assign(0)
             return False
-        width = 7 + (len(self._var_names) if per_layer else 0)
+        width = len(GLOBAL_KEYS) + (len(self._var_names) if per_layer else 0)
         # Plain tf.Variables: outside self.variables, so never written into .keras files.
         self._recorder = {"buffer": tf.Variable(tf.zeros((capacity, width)), trainable=False, name="gradtools_record"),
                           "count": tf.Variable(0, dtype=tf.int64, trainable=False, name="gradtools_record_count"),
@@ -262,15 +262,15 @@ class GradOptimizer(keras.optimizers.Optimizer):
         else:
             rows = rows[:count]
         rec["count"].assign(0)
-        names = list(self.statistics(rec["per_layer"]).keys())
+        names = list(GLOBAL_KEYS) + (self._layer_keys() if rec["per_layer"] else [])
         return {name: rows[:, j].tolist() for j, name in enumerate(names)}, max(count - cap, 0)
 
     def _record_step(self):
         rec = getattr(self, "_recorder", None)
         if rec is None:
             return
-        stats = self.statistics(rec["per_layer"])
-        head = ops.stack([stats[k] for k in list(stats)[:7]])
+        stats = self.statistics(per_layer=False)
+        head = ops.stack([stats[k] for k in GLOBAL_KEYS])
         row = ops.concatenate([head, self.layer_norms]) if rec["per_layer"] else head
         index = rec["count"] % rec["capacity"]
         rec["buffer"].scatter_nd_update(ops.reshape(index, (1, 1)), ops.expand_dims(row, 0))
