@@ -379,6 +379,35 @@ def test_mixed_precision_loss_scaling_wraps_the_grad_optimizer():
                for n, c in zip(logger.history["grad_norm"], logger.history["grad_norm_clipped"]))
 
 
+def test_logger_records_every_step_under_steps_per_execution():
+    x, y = _data(48)
+    model = gk.mlp(init_mlp(SIZES, seed=0), activation="tanh")
+    opt = gk.GradOptimizer(keras.optimizers.SGD(0.05))
+    model.compile(optimizer=opt, loss="mse", jit_compile=False, steps_per_execution=3)
+    reader, logger = _BatchReader(), gk.GradientLogger()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger, reader])
+    assert len(reader.logs) == 2  # fit() returns to Python every 3 steps...
+    assert len(logger.history["grad_norm"]) == 6  # ...the buffer holds all 6
+    assert [logger.history["grad_norm"][i] for i in (2, 5)] == [b["grad_norm"] for b in reader.logs]
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 9), st.integers(0, 30))
+def test_recording_ring_returns_the_newest_rows_oldest_first(capacity, steps):
+    opt = gk.GradOptimizer(keras.optimizers.SGD(0.1))
+    opt.build([keras.Variable(np.zeros((2, 2), np.float32))])
+    opt.start_recording(capacity, per_layer=True)
+    for i in range(steps):
+        opt.norm_before.assign(float(i))
+        opt.layer_norms.assign([float(-i)])
+        opt._record_step()
+    rows, lost = opt.read_recording()
+    kept = list(range(max(steps - capacity, 0), steps))
+    assert rows["grad_norm"] == [float(i) for i in kept] and lost == steps - len(kept)
+    assert rows[f"grad_norm/{opt.variable_names[0]}"] == [float(-i) for i in kept]
+    assert opt.read_recording() == ({k: [] for k in rows}, 0)  # a read empties it
+
+
 def test_logger_per_layer_batch_logs_and_no_recording():
     x, y = _data(32)
     model = _compiled(gk.GradOptimizer(keras.optimizers.SGD(0.05)))
