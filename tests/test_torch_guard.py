@@ -130,3 +130,21 @@ def test_guard_state_round_trip():
     assert g2.state_dict() == g1.state_dict()
     with pytest.raises(ValueError, match="missing key 'steps'"):
         g2.load_state_dict({})
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_guard_with_clipper_clips_in_the_clippers_norm_and_reads_the_norm_once(norm_type, monkeypatch):
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay, the clipped grads remain to inspect
+    clipper = gt.Clipper(0.05, norm_type=norm_type)
+    guard = gt.GradGuard(model, opt, clipper=clipper)
+    backward(model, scale=10.0)
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t.shape) or real_float(t))
+    assert guard.step().stepped
+    monkeypatch.undo()
+    # the L2 stats of the guard serve an L2 clipper as they are; an inf-norm clipper measures its own norm
+    assert len(reads) == (1 if norm_type == 2.0 else 2)
+    after = gt.get_total_norm([p.grad for p in model.parameters()], norm_type)
+    assert float(after) == pytest.approx(0.05, rel=1e-4)

@@ -195,11 +195,18 @@ class Clipper:
         return f"Clipper({self.policy!r}, norm_type={self.norm_type})"
 
     @torch.no_grad()
-    def __call__(self, parameters, stats=None) -> ClipResult:
-        total = stats.total if stats is not None else grad_stats(parameters, self.norm_type, count_nonfinite=False).total
+    def __call__(self, parameters, stats=None, norm: float | None = None) -> ClipResult:
+        """Clip ``parameters``' gradients; ``stats`` (a :class:`GradStats` of them) saves the norm pass.
+
+        ``norm`` is ``float(stats.total)`` when the caller has read it already (``GradGuard`` has),
+        so that a guarded, clipped step reads the norm from the device once.
+        """
+        if stats is None or stats.norm_type != self.norm_type:
+            stats, norm = grad_stats(parameters, self.norm_type, count_nonfinite=False), None
+        total = stats.total
         # The policy needs the norm as a number: one host sync per step, inherent to
         # adaptive thresholds (a fixed threshold could avoid it, but then use clip_grad_norm_).
-        norm = float(total)
+        norm = float(total) if norm is None else norm
         threshold = self.policy.step(norm)
         if norm <= threshold:
             return ClipResult(total, total, threshold, False)

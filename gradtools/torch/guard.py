@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradtools import _checks
 from gradtools.guard import NonFiniteGradientError, StepDecider, TooManySkipsError
 from gradtools.policies import SpikeDetector
 from gradtools.torch.norms import GradStats, grad_stats
@@ -81,7 +82,7 @@ class GradGuard:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.decider.load_state_dict(state_dict)
-        self.overflows = int(state_dict.get("overflows", 0))
+        self.overflows = _checks.integer("state_dict['overflows']", state_dict.get("overflows", 0), minimum=0)
 
     @torch.no_grad()
     def step(self) -> GuardResult:
@@ -105,11 +106,12 @@ class GradGuard:
                 if p.grad is not None:
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
             stats = grad_stats(self.model)
-            decision = self.decider.after_zeroing(float(stats.total))
+            norm = float(stats.total)
+            decision = self.decider.after_zeroing(norm)
         if not decision.proceed:
             return GuardResult(False, decision.reason, stats)
         if self.clipper is not None:
-            self.clipper(self.model, stats=stats)
+            self.clipper(self.model, stats=stats, norm=norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
