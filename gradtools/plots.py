@@ -181,7 +181,6 @@ def update_ratios(ratios: dict, title: str = "Update-to-weight ratio per layer")
                    legend={"fontsize": 7, "ncol": 2})
 
 
-
 def sharpness_curve(steps, sharpness, lr: float, title: str = "Sharpness during full-batch gradient descent") -> Figure:
     """Top Hessian eigenvalue against step, with the ``2 / lr`` stability line."""
     fig, ax = _figure()

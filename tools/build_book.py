@@ -5,20 +5,19 @@ _build/html, so a failed build never leaves a partial book that looks complete.
 Executed notebooks are cached in _build/.jupyter_cache: a rebuild with nothing
 changed re-executes nothing. Sphinx itself always starts from a fresh
 environment (--all): an incremental Sphinx build only reports the warnings of
-the files it re-reads, and -W must see all of them. On failure the executing cell's traceback (from
-myst-nb's reports) is printed with the notebook's path.
+the files it re-reads, and -W must see all of them. On failure the executing
+cell's traceback (from myst-nb's reports) is printed with the notebook's path.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import shutil
 import subprocess
 import sys
 import time
-
-import argparse
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 
