@@ -19,8 +19,6 @@ Each pair is timed in alternation; the median of per-round ratios is printed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 from gradtools.runtime import setup
 
@@ -31,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 from keras import layers, models, optimizers  # noqa: E402
 
 import gradtools.keras as gk  # noqa: E402
+from timing import median_ratio  # noqa: E402
 
 
 def build(optimizer):
@@ -54,20 +53,6 @@ def tape_loop(model, opt, x, y, batch):
     return history
 
 
-def median_ratio(base, candidate, rounds):
-    base()
-    candidate()
-    ratios, base_times, candidate_times = [], [], []
-    for r in range(rounds):
-        t0 = time.perf_counter(); (base if r % 2 else candidate)(); t1 = time.perf_counter()
-        (candidate if r % 2 else base)(); t2 = time.perf_counter()
-        b, c = (t1 - t0, t2 - t1) if r % 2 else (t2 - t1, t1 - t0)
-        ratios.append(c / b)
-        base_times.append(b)
-        candidate_times.append(c)
-    return statistics.median(ratios), (statistics.median(base_times), statistics.median(candidate_times))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=11)
@@ -81,7 +66,7 @@ def main():
     tracked = build(gk.GradOptimizer(optimizers.Adam(1e-4)))
     logger = gk.GradientLogger(per_layer=True)  # every step recorded in the graph; global stats in batch logs
     steps = args.batches
-    r1, (b, c) = median_ratio(lambda: plain.fit(x, y, batch_size=batch, epochs=1, verbose=0),
+    r1, b, c = median_ratio(lambda: plain.fit(x, y, batch_size=batch, epochs=1, verbose=0),
                               lambda: tracked.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[logger]),
                               args.rounds)
     assert len(logger.history[f"grad_norm/{tracked.optimizer.variable_names[0]}"]) >= steps
@@ -89,13 +74,13 @@ def main():
           f"({1e3 * c / steps:.1f} ms vs {1e3 * b / steps:.1f} ms per step)")
     batch_logs = build(gk.GradOptimizer(optimizers.Adam(1e-4)))
     wide = gk.GradientLogger(per_layer=True, record_batches=False, per_layer_batch_logs=True)
-    r3, (b3, c3) = median_ratio(lambda: plain.fit(x, y, batch_size=batch, epochs=1, verbose=0),
+    r3, b3, c3 = median_ratio(lambda: plain.fit(x, y, batch_size=batch, epochs=1, verbose=0),
                                 lambda: batch_logs.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[wide]),
                                 args.rounds)
     print(f"fit() with per-layer norms in every batch's logs vs plain fit(): {r3:.3f}x "
           f"({1e3 * c3 / steps:.1f} ms vs {1e3 * b3 / steps:.1f} ms per step)")
     eager = build(optimizers.Adam(1e-4))
-    r2, (b2, c2) = median_ratio(lambda: tape_loop(eager, eager.optimizer, x, y, batch),
+    r2, b2, c2 = median_ratio(lambda: tape_loop(eager, eager.optimizer, x, y, batch),
                                 lambda: tracked.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[logger]),
                                 args.rounds)
     print(f"fit() with per-layer norms vs the eager GradientTape workaround: {r2:.3f}x "

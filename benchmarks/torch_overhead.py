@@ -10,13 +10,12 @@ drift in machine load affects both sides alike.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import gradtools.torch as gt
 import gradtools.torch.norms  # noqa: F401  (gt.norms.stats_of)
+from timing import median_ratio
 
 
 def mlp(depth=12, width=256):
@@ -47,29 +46,10 @@ def train_steps(model, opt, x, y, steps, monitor=None):
     _sync(x.device)
 
 
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - t
-
-
-def ratio(base, candidate, rounds):
-    base()
-    candidate()  # warm-up
-    ratios = []
-    for r in range(rounds):
-        if r % 2:
-            b, c = timed(base), timed(candidate)
-        else:
-            c, b = timed(candidate), timed(base)
-        ratios.append(c / b)
-    return statistics.median(ratios), b, c
-
-
 def bench_training(name, model, x, y, steps, rounds):
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     mon = gt.Monitor(model, every=1, count_nonfinite=True)
-    r, b, c = ratio(lambda: train_steps(model, opt, x, y, steps),
+    r, b, c = median_ratio(lambda: train_steps(model, opt, x, y, steps),
                     lambda: train_steps(model, opt, x, y, steps, mon), rounds)
     print(f"{name}: monitor every step (global + per-parameter norms + non-finite counts) "
           f"vs bare training: {r:.3f}x  ({1e3 * b / steps:.2f} ms vs {1e3 * c / steps:.2f} ms per step)")
@@ -109,14 +89,14 @@ def bench_norms(model, x, y, reps, rounds):
             norms = {n: p.grad.norm().item() for n, p in model.named_parameters()}
             sum(v * v for v in norms.values()) ** 0.5
 
-    r1, b, c = ratio(total_only, ours, rounds)
+    r1, b, c = median_ratio(total_only, ours, rounds)
     print(f"gradtools global + per-parameter norms vs torch.nn.utils.get_total_norm alone: {r1:.3f}x "
           f"({1e6 * b / reps:.0f} us vs {1e6 * c / reps:.0f} us)")
-    r2, _, c2 = ratio(total_only, ours_with_counts, rounds)
+    r2, _, c2 = median_ratio(total_only, ours_with_counts, rounds)
     print(f"  ... with non-finite counts as well: {r2:.3f}x ({1e6 * c2 / reps:.0f} us)")
-    r4, _, c4 = ratio(total_only, ours_convenience, rounds)
+    r4, _, c4 = median_ratio(total_only, ours_convenience, rounds)
     print(f"  ... grad_stats(model), resolving names on every call: {r4:.3f}x ({1e6 * c4 / reps:.0f} us)")
-    r3, b3, c3 = ratio(item_loop, ours, rounds)
+    r3, b3, c3 = median_ratio(item_loop, ours, rounds)
     print(f"gradtools (one foreach pass, no host sync) vs per-parameter .norm().item() loop: {r3:.3f}x "
           f"({1e6 * c3 / reps:.0f} us vs {1e6 * b3 / reps:.0f} us): {1 / r3:.1f} times faster")
     return r1, r2, r3
