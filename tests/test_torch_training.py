@@ -97,6 +97,21 @@ def test_sharpness_matches_exact_hessian_of_linear_regression():
     assert lam == pytest.approx(exact, rel=1e-4)
 
 
+def test_hessian_vector_product_equals_the_exact_hessian_times_v():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 3, generator=g), torch.randn(30, 1, generator=g)
+    model = torch.nn.Linear(3, 1, bias=False)
+    params = list(model.parameters())
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    v = [torch.randn(1, 3, generator=g)]
+    exact = (2 * (x.T @ x) / 30) @ v[0].T
+    np.testing.assert_allclose(gt.hessian_vector_product(loss, params, v)[0].T.numpy(), exact.numpy(), rtol=1e-5)
+    grads = torch.autograd.grad(loss, params, create_graph=True)  # kept across products, as the power iteration does
+    for _ in range(2):
+        np.testing.assert_allclose(gt.hessian_vector_product(loss, params, v, grads)[0].T.numpy(), exact.numpy(),
+                                   rtol=1e-5)
+
+
 def test_monitor_records_on_sampled_steps_only():
     x, y = _data(16)
     model = tiny_mlp()

@@ -18,9 +18,14 @@ from gradtools.maths import power_iteration
 __all__ = ["hessian_vector_product", "top_hessian_eigenvalue"]
 
 
-def hessian_vector_product(loss: torch.Tensor, params: list, vector: list) -> list:
-    """``H v`` for the Hessian of ``loss`` with respect to ``params``."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+def hessian_vector_product(loss: torch.Tensor, params: list, vector: list, grads=None) -> list:
+    """``H v`` for the Hessian of ``loss`` with respect to ``params``.
+
+    ``grads``: the first derivatives taken with ``create_graph=True``, when the caller
+    keeps them across several products (as the power iteration does).
+    """
+    if grads is None:
+        grads = torch.autograd.grad(loss, params, create_graph=True)
     dot = sum((g * v).sum() for g, v in zip(grads, vector))
     return list(torch.autograd.grad(dot, params, retain_graph=True))
 
@@ -46,7 +51,6 @@ def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, s
 
     def matvec(vectors):
         vs = [torch.as_tensor(v, dtype=p.dtype, device=p.device) for v, p in zip(vectors, params)]
-        dot = sum((g * v).sum() for g, v in zip(grads, vs))
-        return [h.detach().cpu().double().numpy() for h in torch.autograd.grad(dot, params, retain_graph=True)]
+        return [h.detach().cpu().double().numpy() for h in hessian_vector_product(loss, params, vs, grads)]
 
     return power_iteration(matvec, [tuple(p.shape) for p in params], iters, tol, seed)
