@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 from keras import layers, models, optimizers  # noqa: E402
 
 import gradtools.keras as gk  # noqa: E402
-from timing import median_ratio  # noqa: E402
+from gradtools.timing import median_ratio  # noqa: E402
 
 
 def build(optimizer):

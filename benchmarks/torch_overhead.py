@@ -15,7 +15,7 @@ import torch
 
 import gradtools.torch as gt
 import gradtools.torch.norms  # noqa: F401  (gt.norms.stats_of)
-from timing import median_ratio
+from gradtools.timing import median_ratio
 
 
 def mlp(depth=12, width=256):

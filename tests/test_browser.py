@@ -1,11 +1,17 @@
-"""The built HTML book in headless Chromium: no console errors, static sliders move by keyboard.
+"""The built HTML book in headless Chromium, as a reader sees it.
+
+Every page: no console errors, no request outside the book, every formula typeset by
+the book's own MathJax, nothing scrolling sideways at 1280 px (code included) or at
+390 px (a phone), and static sliders that move by keyboard.
 
 Builds the book first (cheap when the execution cache is warm), serves it on
-127.0.0.1, and keeps a screenshot of every page with a slider in test-artifacts/.
+127.0.0.1, and keeps screenshots (every slider, a formula-heavy page) and the count
+of typeset formulas per page in test-artifacts/.
 """
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +29,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 FAILED_REQUESTS = []
+FORMULA_PAGE = "chapters/02_gradient_descent.html"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +66,44 @@ def browser():
         b.close()
 
 
+# Counts math nodes and the ones MathJax replaced; finds TeX left in the visible text.
+MATH_JS = r"""() => {
+  const nodes = [...document.querySelectorAll('span.math, div.math')];
+  const typeset = nodes.filter(n => n.querySelector('mjx-container'));
+  const article = document.querySelector('article') || document.body;
+  const copy = article.cloneNode(true);
+  copy.querySelectorAll('pre, code, mjx-container, script, style').forEach(e => e.remove());
+  const text = copy.textContent;
+  const raw = ['\\(', '\\[', '$$'].filter(t => text.includes(t));
+  const i = Math.max(text.indexOf('\\('), text.indexOf('\\['), text.indexOf('$$'));
+  return {nodes: nodes.length, typeset: typeset.length, raw: raw,
+          context: i >= 0 ? text.slice(Math.max(0, i - 40), i + 40) : ''};
+}"""
+
+# Elements wider than their box: the page itself, and every code block (input and output).
+OVERFLOW_JS = """(withCode) => {
+  const doc = document.documentElement;
+  const wide = [];
+  if (doc.scrollWidth > doc.clientWidth + 1) wide.push(`page ${doc.scrollWidth}px > ${doc.clientWidth}px`);
+  if (withCode) {
+    document.querySelectorAll('div.cell pre').forEach(p => {
+      if (p.scrollWidth > p.clientWidth + 1)
+        wide.push(`code block ${p.scrollWidth}px > ${p.clientWidth}px: ${p.textContent.trim().slice(0, 50)}`);
+    });
+  }
+  return wide;
+}"""
+
+
+def _typeset(page):
+    """Wait for MathJax (when the page loads it) and return the math counts."""
+    if page.locator("span.math, div.math").count():
+        page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+                               timeout=30000)
+        page.evaluate("() => MathJax.startup.promise")
+    return page.evaluate(MATH_JS)
+
+
 def _pages():
     html = os.path.join(ROOT, "_build", "html")
     for dirpath, _, files in os.walk(html):
@@ -74,8 +119,9 @@ def test_every_page_loads_without_console_errors_and_sliders_move(book_url, brow
     pages = sorted(_pages())
     assert "chapters/00_at_a_glance.html" in pages
     sliders_seen = 0
+    math_counts = {}
     for page_path in pages:
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -85,6 +131,16 @@ def test_every_page_loads_without_console_errors_and_sliders_move(book_url, brow
         # networkidle: late requests (the index.html redirect, fonts) report here, not after the sliders.
         page.goto(f"{book_url}/{page_path}", wait_until="networkidle")
         assert errors == [], f"{page_path}: console errors {errors}"
+        math = _typeset(page)
+        math_counts[page_path] = math["typeset"]
+        assert math["typeset"] == math["nodes"], f"{page_path}: {math['nodes'] - math['typeset']} " \
+            f"of {math['nodes']} formulas not typeset"
+        assert math["raw"] == [], f"{page_path}: raw TeX {math['raw']} in the text: ...{math['context']}..."
+        wide = page.evaluate(OVERFLOW_JS, True)
+        assert wide == [], f"{page_path} at 1280 px: scrolls sideways: {wide[:3]}"
+        if page_path == FORMULA_PAGE:
+            page.locator("div.math").first.scroll_into_view_if_needed()
+            page.screenshot(path=os.path.join(ARTIFACTS, "formulas-" + page_path.replace("/", "_") + ".png"))
         for k, root in enumerate(page.locator(".gradtools-slider").all()):
             sliders_seen += 1
             root.scroll_into_view_if_needed()
@@ -108,6 +164,24 @@ def test_every_page_loads_without_console_errors_and_sliders_move(book_url, brow
         assert outside == [], f"{page_path}: requests outside the book {outside[:5]}"
         assert FAILED_REQUESTS == [], f"{page_path}: the server answered {FAILED_REQUESTS}"
     assert sliders_seen >= 1
+    assert math_counts[FORMULA_PAGE] >= 20, math_counts
+    with open(os.path.join(ARTIFACTS, "typeset-formulas.json"), "w") as f:
+        json.dump(math_counts, f, indent=1, sort_keys=True)
+
+
+def test_every_page_fits_a_phone(book_url, browser):
+    # At 390 px code blocks may scroll inside their own box; the page itself must not.
+    wide_pages = {}
+    for page_path in sorted(_pages()):
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto(f"{book_url}/{page_path}", wait_until="networkidle")
+        _typeset(page)  # typeset formulas have their final width
+        wide = page.evaluate(OVERFLOW_JS, False)
+        if wide:
+            wide_pages[page_path] = wide
+            page.screenshot(path=os.path.join(ARTIFACTS, "too-wide-" + page_path.replace("/", "_") + ".png"))
+        page.close()
+    assert wide_pages == {}, wide_pages
 
 
 def test_root_redirects_to_the_preface_and_serves_a_favicon(book_url, browser):

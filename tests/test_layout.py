@@ -54,8 +54,49 @@ def test_environment_yml_matches_pyproject():
     assert local and set(re.search(r"\[(.*)\]", local[0]).group(1).split(",")) == set(extras)
     # ...and pins the same packages with the same bounds as pyproject.toml.
     expected = _requirement_names(pyproject["project"]["dependencies"] + [r for rs in extras.values() for r in rs])
-    listed = _requirement_names([p for p in pip_section if not p.startswith("-e")])
+    listed = _requirement_names([p for p in pip_section if not p.startswith("-")])
     assert listed == expected
+    # ...at the versions of the lock, as `make install` does.
+    assert "-c requirements/lock.txt" in pip_section
+
+
+def _lock():
+    pins = {}
+    for line in open(os.path.join(ROOT, "requirements", "lock.txt")):
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version and "+" not in version, f"lock line {line!r} is not name==public-version"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_lock_pins_every_dependency_within_the_ranges_of_pyproject():
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    reqs = pyproject["project"]["dependencies"] + [
+        r for rs in pyproject["project"]["optional-dependencies"].values() for r in rs]
+    pins = _lock()
+    assert "gradtools" not in pins
+    for text in reqs:
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{req.name} is a dependency but not in requirements/lock.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"lock pins {name}=={pins[name]}, outside pyproject.toml's {text!r}"
+    # The Makefile installs PyTorch at the locked version and everything through the lock.
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    assert f"TORCH_SPEC ?= torch=={pins['torch']}" in makefile
+    assert "LOCK       ?= requirements/lock.txt" in makefile and "$(CONSTRAINT) -e" in makefile
+
+
+def test_readme_names_the_versions_the_outputs_were_computed_with():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    pins = _lock()
+    for name, shown in [("torch", "PyTorch"), ("tensorflow", "TensorFlow"), ("keras", "Keras"),
+                        ("numpy", "NumPy"), ("scikit-learn", "scikit-learn")]:
+        assert f"{shown} {pins[name]}" in readme, f"README does not say {shown} {pins[name]}"
 
 
 def test_toc_lists_every_chapter():

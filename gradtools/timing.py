@@ -1,4 +1,16 @@
-"""Side-by-side timing shared by the benchmarks: a ratio against a baseline run in the same process."""
+"""Side-by-side timing: a ratio against a baseline run in the same process.
+
+Used by the benchmarks and by chapters that compare two costs. A ratio of
+medians over alternating rounds is what survives another machine; the absolute
+times do not, so print those where nbval does not compare them.
+
+Example:
+    >>> from gradtools.timing import median_ratio
+    >>> work = lambda: sum(range(1000))
+    >>> ratio, base_s, cand_s = median_ratio(work, work, rounds=5)
+    >>> 0.2 < ratio < 5
+    True
+"""
 
 from __future__ import annotations
 
@@ -13,6 +25,8 @@ def median_ratio(base, candidate, rounds: int):
     median candidate seconds)``: alternating the order lets drift in machine load
     affect both sides alike.
     """
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     base()
     candidate()
     ratios, base_times, candidate_times = [], [], []
