@@ -10,6 +10,7 @@ of typeset formulas per page in test-artifacts/.
 """
 
 import functools
+import glob
 import http.server
 import json
 import os
@@ -171,6 +172,9 @@ def test_every_page_loads_without_console_errors_and_sliders_move(book_url, brow
 
 def test_every_page_fits_a_phone(book_url, browser):
     # At 390 px code blocks may scroll inside their own box; the page itself must not.
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    for stale in glob.glob(os.path.join(ARTIFACTS, "too-wide-*.png")):
+        os.remove(stale)
     wide_pages = {}
     for page_path in sorted(_pages()):
         page = browser.new_page(viewport={"width": 390, "height": 844})
