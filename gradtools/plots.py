@@ -65,26 +65,37 @@ def loss_curves(curves: dict, title: str = "Training loss", logy: bool = True, b
     """Loss against step, one line per entry of ``curves`` (label -> losses).
 
     A curve that becomes non-finite (or exceeds ``blowup``) is drawn up to its
-    last finite point and marked there with an ``x`` labelled "diverged at step
-    N", instead of silently ending.
+    last finite point and marked there with an ``x`` (legend: "diverged at step
+    N"; on the axes: "non-finite at step N"), instead of silently ending.
+
+    Args:
+        styles: label -> extra ``Axes.plot`` keywords for that curve; a ``color``
+            there replaces the book's colour (by clipping state, then framework),
+            e.g. to colour by initialisation and dash by framework.
     """
     from gradtools.maths import divergence_step
 
     fig, ax = _figure()
     styles = styles or {}
+    n_steps = max((len(v) for v in curves.values()), default=1)
     for i, (label, losses) in enumerate(curves.items()):
         losses = np.asarray(losses, dtype=float)
         steps = np.arange(len(losses))
-        color = _color(label, i)
+        style = {"color": _color(label, i), **styles.get(label, {})}
+        color = style["color"]
         d = divergence_step(losses, blowup=blowup)
         shown = losses if d is None else losses[:d]
-        ax.plot(steps[: len(shown)], shown, label=label, color=color, **styles.get(label, {}))
+        ax.plot(steps[: len(shown)], shown, label=label, **style)
         if d is not None:
             y = shown[-1] if len(shown) else 1.0
             ax.plot([d], [y], marker="x", markersize=10, mew=2.5, color=color, linestyle="none",
                     label=f"{label}: diverged at step {d}")
-            ax.annotate(f"non-finite at step {d}", (d, y), textcoords="offset points", xytext=(-8, 6), ha="right",
-                        color=color, fontsize=8)
+            # Beside the cross, on the side with room: an early divergence sits near the
+            # left edge, and the last finite loss is usually the top of the axes.
+            early = d < 0.6 * n_steps
+            ax.annotate(f"non-finite at step {d}", (d, y), textcoords="offset points",
+                        xytext=(8, 0) if early else (-8, 0), ha="left" if early else "right",
+                        va="center", color=color, fontsize=8)
     return _finish(fig, ax, "step", "loss" + (" (log scale)" if logy else ""), title, logy)
 
 

@@ -8,9 +8,9 @@ nbval compares.
 
 Example:
     >>> from gradtools.report import claims_table
-    >>> t = claims_table([("GD is stable", "bisection on lr", "2/λmax", "**fails**")])
+    >>> t = claims_table([("GD is stable", "bisection", "2/λmax", "fails")])
     >>> print(t)
-    claim: GD is stable | experiment: bisection on lr | measured: 2/λmax | verdict: **fails**
+    claim: GD is stable | experiment: bisection | measured: 2/λmax | verdict: fails
 """
 
 from __future__ import annotations

@@ -81,13 +81,14 @@ MATH_JS = r"""() => {
           context: i >= 0 ? text.slice(Math.max(0, i - 40), i + 40) : ''};
 }"""
 
-# Elements wider than their box: the page itself, and every code block (input and output).
+# Elements wider than their box: the page itself, and every code block (chapter cells,
+# their outputs, docstring examples in the API reference).
 OVERFLOW_JS = """(withCode) => {
   const doc = document.documentElement;
   const wide = [];
   if (doc.scrollWidth > doc.clientWidth + 1) wide.push(`page ${doc.scrollWidth}px > ${doc.clientWidth}px`);
   if (withCode) {
-    document.querySelectorAll('div.cell pre').forEach(p => {
+    document.querySelectorAll('article pre').forEach(p => {
       if (p.scrollWidth > p.clientWidth + 1)
         wide.push(`code block ${p.scrollWidth}px > ${p.clientWidth}px: ${p.textContent.trim().slice(0, 50)}`);
     });

@@ -124,3 +124,22 @@ def test_bibliography_has_the_required_papers():
     for key in ["pascanu2013", "glorot2010", "he2015", "kingma2015", "smith2017", "goyal2017", "zhang2020",
                 "cohen2021", "brock2021", "seetharaman2020", "kumar2025zclip"]:
         assert key in bib, key
+
+
+def test_docstring_examples_fit_80_columns():
+    # The API reference shows them as code blocks; longer lines scroll sideways at 1280 px.
+    import ast
+
+    long = []
+    for path in glob.glob(os.path.join(ROOT, "gradtools", "**", "*.py"), recursive=True):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                lines = doc.splitlines()
+                for i, line in enumerate(lines):
+                    in_example = line.lstrip().startswith((">>>", "..."))
+                    # the expected output right after an example line is shown too
+                    shown = in_example or (i and lines[i - 1].lstrip().startswith(">>>") and line.strip())
+                    if shown and len(line.strip()) > 80:
+                        long.append(f"{os.path.relpath(path, ROOT)}: {line.strip()[:60]}")
+    assert not long, long

@@ -29,6 +29,19 @@ def test_loss_curves_marks_divergence():
     assert _lines(ax)[0].get_color() == plots.PALETTE["torch"] and _lines(ax)[1].get_color() == plots.PALETTE["keras"]
 
 
+def test_loss_curves_label_stays_inside_and_styles_may_recolour():
+    fig = plots.loss_curves({"early": [1.0, 5.0, math.nan] + [1.0] * 37, "late": [1.0] * 39 + [math.inf]},
+                            styles={"late": {"color": "#123456", "ls": "--"}})
+    ax = fig.axes[0]
+    early, late = ax.texts
+    assert early.get_ha() == "left" and late.get_ha() == "right"  # the label reads towards the middle
+    fig.canvas.draw()
+    box, frame = early.get_window_extent(), ax.get_window_extent()
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
+    line = [l for l in _lines(ax) if l.get_label() == "late"][0]
+    assert line.get_color() == "#123456" and line.get_linestyle() == "--"
+
+
 def test_loss_curves_without_divergence_has_no_marker():
     ax = plots.loss_curves({"clipped": [1.0, 0.5]}).axes[0]
     assert [l.get_label() for l in _lines(ax)] == ["clipped"] and not ax.texts
