@@ -25,7 +25,7 @@ NOTEBOOKS  ?= chapters
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q $(CONSTRAINT) $(TORCH_SPEC); fi
+	@if [ -n '$(TORCH_SPEC)' ]; then $(PY) -m pip install -q $(CONSTRAINT) $(TORCH_SPEC); fi
 	$(PY) -m pip install -q $(CONSTRAINT) -e ".[$(EXTRAS)]"
 	@touch $@
 
