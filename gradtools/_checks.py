@@ -63,8 +63,8 @@ def norm_type(name: str, value) -> float:
     if isinstance(value, str) and value.lower() in {"inf", "infinity"}:
         return math.inf
     v = real(name, value)
-    if math.isnan(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive number or inf, got {value!r}")
+    if math.isnan(v) or v < 1:
+        raise ValueError(f"{name} must be a number >= 1 or inf (a p-norm), got {value!r}")
     return v
 
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from gradtools import _checks
 
-__all__ = ["Policy", "FixedThreshold", "AutoClip", "ZClip", "SpikeDetector", "get_policy"]
+__all__ = ["Policy", "FixedThreshold", "AutoClip", "ZClip", "SpikeDetector", "get_policy", "register_policy",
+           "registered_policies", "policy_config", "policy_from_config"]
 
 INF = math.inf
 
@@ -356,24 +357,97 @@ class SpikeDetector(Policy):
         return False
 
 
-_POLICIES = {cls.__name__: cls for cls in (FixedThreshold, AutoClip, ZClip)}
+_REGISTRY: dict[str, type] = {}
+
+
+def register_policy(cls=None, *, name: str | None = None):
+    """Register a clipping policy class so that it can be found by name.
+
+    Registered policies are what :func:`get_policy` accepts as strings and what
+    :func:`policy_from_config` (used when a Keras model with a ``GradOptimizer`` is
+    loaded, or a guard's state is restored) can rebuild. Use it as a decorator on
+    a :class:`Policy` subclass; ``name`` defaults to the class name in lower case.
+
+    Example:
+        >>> @register_policy
+        ... class Halve(Policy):
+        ...     def get_config(self):
+        ...         return {}
+        ...     def step(self, norm):
+        ...         self.steps += 1
+        ...         return 0.5 * float(norm)
+        >>> get_policy("halve").step(4.0)
+        2.0
+        >>> policy_from_config(policy_config(Halve())).__class__.__name__
+        'Halve'
+    """
+
+    def register(klass):
+        if not (isinstance(klass, type) and issubclass(klass, Policy)) or issubclass(klass, SpikeDetector):
+            raise TypeError(f"register_policy needs a Policy subclass (not a SpikeDetector), got {klass!r}")
+        key = (name or klass.__name__).lower()
+        known = _REGISTRY.get(key)
+        if known is not None and known is not klass and known.__qualname__ != klass.__qualname__:
+            raise ValueError(f"a policy named {key!r} is already registered ({known.__module__}.{known.__qualname__})")
+        _REGISTRY[key] = klass
+        if klass.__name__.lower() != key:
+            _REGISTRY[klass.__name__.lower()] = klass
+        return klass
+
+    return register if cls is None else register(cls)
+
+
+for _cls in (FixedThreshold, AutoClip, ZClip):
+    register_policy(_cls)
+
+
+def registered_policies() -> list:
+    """Names of the registered clipping policies, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> type:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"policy {name!r} is not registered; known policies: {registered_policies()} "
+                         f"(register a new one with gradtools.policies.register_policy)") from None
 
 
 def get_policy(policy) -> Policy:
     """Turn ``policy`` into a clipping policy.
 
     Accepts a :class:`Policy`, a positive number (a :class:`FixedThreshold`),
-    or one of the names ``"autoclip"`` and ``"zclip"`` (paper defaults).
+    or the name of a registered policy, built with its defaults: ``"autoclip"``,
+    ``"zclip"``, or one added with :func:`register_policy`.
+
+    Example:
+        >>> get_policy(2.0)
+        FixedThreshold(max_norm=2.0)
+        >>> get_policy("zclip").z_thresh
+        2.5
     """
     if isinstance(policy, Policy) and not isinstance(policy, SpikeDetector):
         return policy
     if isinstance(policy, str):
-        name = policy.lower()
-        if name == "autoclip":
-            return AutoClip()
-        if name == "zclip":
-            return ZClip()
-        raise ValueError(f"policy must be a Policy, a positive number, 'autoclip' or 'zclip', got {policy!r}")
+        if policy.lower() == "fixedthreshold":
+            raise ValueError("policy 'fixedthreshold' needs a threshold: pass the number itself, e.g. 1.0")
+        return _lookup(policy)()
     if _checks._is_real(policy):
         return FixedThreshold(policy)
-    raise TypeError(f"policy must be a Policy, a positive number, 'autoclip' or 'zclip', got {policy!r}")
+    raise TypeError(f"policy must be a Policy, a positive number or a registered name "
+                    f"{registered_policies()}, got {policy!r}")
+
+
+def policy_config(policy) -> dict:
+    """``{"type": name, "config": {...}}``: what :func:`policy_from_config` rebuilds (JSON-safe)."""
+    if not isinstance(policy, Policy) or isinstance(policy, SpikeDetector):
+        raise TypeError(f"policy must be a clipping Policy, got {policy!r}")
+    return {"type": type(policy).__name__, "config": policy.get_config()}
+
+
+def policy_from_config(config: dict) -> Policy:
+    """A policy from :func:`policy_config`'s output; its class must be registered."""
+    if not isinstance(config, dict) or "type" not in config:
+        raise TypeError(f"config must be a dict with a 'type' key, got {config!r}")
+    return _lookup(config["type"]).from_config(config.get("config", {}))

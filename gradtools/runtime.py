@@ -1,11 +1,13 @@
 """One set-up for every chapter, test and benchmark: seeds, determinism, quiet logs.
 
 Call :func:`setup` at the top of a notebook, before PyTorch or TensorFlow is
-imported anywhere. It
+imported anywhere. Only ``setup`` and :func:`seed_everything` change a framework's
+global state; importing any part of ``gradtools`` never does. ``setup``
 
 * sets ``TF_CPP_MIN_LOG_LEVEL``, ``TF_ENABLE_ONEDNN_OPTS=0`` and
   ``TF_DETERMINISTIC_OPS`` before TensorFlow can read them;
 * seeds Python, NumPy, and (if asked) PyTorch and Keras;
+* sets TensorFlow's Python loggers to errors only;
 * turns on each framework's deterministic mode;
 * imports TensorFlow with the C-level stderr silenced, because TensorFlow's C++
   logging writes a few lines ("Could not find cuda drivers", "All log messages
@@ -73,23 +75,34 @@ def quiet_stderr():
 
 
 def import_keras():
-    """Import and return ``keras`` (TensorFlow backend) without log noise."""
-    _set_env()
-    if "keras" in sys.modules and "tensorflow" in sys.modules:
-        return sys.modules["keras"]
-    with quiet_stderr(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import tensorflow as tf
-        import keras
+    """Import and return ``keras`` (TensorFlow backend) without import-time log noise.
 
-        tf.get_logger().setLevel("ERROR")
-        try:
-            from absl import logging as absl_logging
-
-            absl_logging.set_verbosity(absl_logging.ERROR)
-        except ImportError:  # pragma: no cover
-            pass
+    This changes nothing global: no environment variable, no log level, no
+    determinism flag (that is :func:`setup`'s job, for the book). It only hides the
+    lines TensorFlow's C++ runtime prints while it is being imported.
+    """
+    if "keras" not in sys.modules or "tensorflow" not in sys.modules:
+        with quiet_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import tensorflow  # noqa: F401
+            import keras  # noqa: F401
+    keras = sys.modules["keras"]
+    if keras.backend.backend() != "tensorflow":
+        raise ImportError(f"gradtools.keras needs Keras' TensorFlow backend, but Keras runs on "
+                          f"{keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow before importing keras")
     return keras
+
+
+def _quiet_tensorflow_loggers() -> None:
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def seed_everything(seed: int = 0, frameworks=("torch", "keras")) -> None:
@@ -103,9 +116,11 @@ def seed_everything(seed: int = 0, frameworks=("torch", "keras")) -> None:
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True, warn_only=False)
     if "keras" in frameworks:
+        _set_env()
         keras = import_keras()
         import tensorflow as tf
 
+        _quiet_tensorflow_loggers()
         keras.utils.set_random_seed(seed)
         tf.config.experimental.enable_op_determinism()
 

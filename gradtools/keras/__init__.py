@@ -1,24 +1,44 @@
 """gradtools for Keras 3 (TensorFlow backend).
 
-Importing this module imports Keras quietly (see :mod:`gradtools.runtime`).
-Public names match :mod:`gradtools.torch` wherever the concept is shared:
-``mlp``, ``train_full_batch``, ``grad_stats``, ``NonFiniteGradientError``,
-``TooManySkipsError``; Keras idioms where they differ (an optimizer wrapper and
-callbacks instead of explicit calls in a training loop).
+Importing this module imports Keras quietly and changes nothing global (see
+:mod:`gradtools.runtime`). The modules mirror :mod:`gradtools.torch` one for one:
+``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``, ``lr_range``,
+``sharpness``, ``models`` and ``toys``; shared names mean the same thing in both.
+Where PyTorch changes gradients in place (``clip_grad_norm_``), Keras returns them
+(``clip_grad_norm``), since Keras gradients are values. The Keras idiom adds
+:class:`GradOptimizer`, which composes the guard, a clipper, AGC and accumulation
+around any optimizer for plain ``model.fit()``, and the callbacks
+:class:`GradientLogger` and :class:`LRRangeTest`.
 """
 
 from gradtools.runtime import import_keras as _import_keras
 
 _import_keras()
 
-from gradtools.guard import NonFiniteGradientError, TooManySkipsError  # noqa: E402
-from gradtools.keras.callbacks import GradientLogger  # noqa: E402
-from gradtools.keras.clipping import compare_clipping  # noqa: E402
-from gradtools.keras.lr_range import LRRangeTest, top_hessian_eigenvalue  # noqa: E402
-from gradtools.keras.models import grad_stats, mlp, train_full_batch  # noqa: E402
-from gradtools.keras.optimizer import GradOptimizer, accumulation_aware  # noqa: E402
+from gradtools.keras.accumulate import AccumulationAware, GradientAccumulator, accumulation_aware  # noqa: E402
+from gradtools.keras.clip import (  # noqa: E402
+    Clipper,
+    ClipResult,
+    adaptive_clip_grad,
+    clip_grad_norm,
+    clip_grad_value,
+    clip_grads_with_norm,
+    compare_clipping,
+)
+from gradtools.keras.guard import GradGuard, GuardCheck, NonFiniteGradientError, TooManySkipsError  # noqa: E402
+from gradtools.keras.lr_range import LRRangeResult, LRRangeTest  # noqa: E402
+from gradtools.keras.models import loss_gradients, mlp, train_full_batch  # noqa: E402
+from gradtools.keras.monitor import GradientLogger, GradientStats  # noqa: E402
+from gradtools.keras.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios  # noqa: E402
+from gradtools.keras.optimizer import GradOptimizer  # noqa: E402
+from gradtools.keras.sharpness import hessian_vector_product, top_hessian_eigenvalue  # noqa: E402
 from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic  # noqa: E402
 
-__all__ = ["GradOptimizer", "activation_gradients", "GradientLogger", "LRRangeTest", "NonFiniteGradientError", "TooManySkipsError",
-           "accumulation_aware", "compare_clipping", "grad_stats", "mlp", "rnn", "rnn_input_gradients",
-           "sgd_on_quadratic", "top_hessian_eigenvalue", "train_full_batch"]
+__all__ = [
+    "AccumulationAware", "ClipResult", "Clipper", "GradGuard", "GradOptimizer", "GradStats", "GradientAccumulator",
+    "GradientLogger", "GradientStats", "GuardCheck", "LRRangeResult", "LRRangeTest", "NonFiniteGradientError",
+    "TooManySkipsError", "accumulation_aware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
+    "clip_grad_value", "clip_grads_with_norm", "compare_clipping", "get_total_norm", "grad_stats",
+    "hessian_vector_product", "loss_gradients", "mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot",
+    "top_hessian_eigenvalue", "train_full_batch", "update_ratios",
+]

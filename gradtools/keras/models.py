@@ -9,7 +9,7 @@ from gradtools.runtime import import_keras
 
 keras = import_keras()
 
-__all__ = ["mlp", "train_full_batch"]
+__all__ = ["mlp", "train_full_batch", "loss_gradients"]
 
 _ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "linear": None, "leaky_relu": "leaky_relu"}
 
@@ -84,18 +84,17 @@ def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip
     return [float(v) for v in [step() for _ in range(steps)]]
 
 
-def grad_stats(model, x, y, loss: str = "mse") -> dict:
-    """Per-variable and global gradient norms of ``loss`` on one batch (eager, for inspection).
+def loss_gradients(model, x, y, loss: str = "mse") -> list:
+    """Gradients of ``loss`` on one batch for ``model.trainable_variables`` (eager).
 
-    Returns ``{"names": [variable paths], "norms": array, "total_norm": float}``,
-    the same quantities as ``gradtools.torch.grad_stats``.
+    The Keras analogue of ``loss.backward()``: feed the result to
+    :func:`gradtools.keras.grad_stats` as ``grad_stats(grads, model)``.
+    ``loss`` is ``"mse"`` or ``"crossentropy"`` (integer labels, logits), as in
+    :func:`train_full_batch`.
     """
     import tensorflow as tf
 
     fn = _loss(loss)
     with tf.GradientTape() as tape:
         value = fn(y, model(x, training=True))
-    grads = tape.gradient(value, model.trainable_variables)
-    norms = np.array([float(tf.norm(tf.cast(g, tf.float32))) for g in grads])
-    return {"names": [v.path for v in model.trainable_variables], "norms": norms,
-            "total_norm": float(np.sqrt((norms**2).sum())), "grads": [g.numpy() for g in grads]}
+    return tape.gradient(value, model.trainable_variables)

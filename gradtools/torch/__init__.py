@@ -1,6 +1,8 @@
 """gradtools for PyTorch: norms, clipping, guards, accumulation, LR range test, sharpness.
 
-The public names match :mod:`gradtools.keras` wherever the concept is shared.
+The modules (``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``,
+``lr_range``, ``sharpness``, ``models``, ``toys``) have twins of the same names in
+:mod:`gradtools.keras`, and the public names match wherever the concept is shared.
 """
 
 from gradtools.torch.accumulate import Accumulator

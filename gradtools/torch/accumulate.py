@@ -75,7 +75,8 @@ class Accumulator:
         self.reduction = _checks.choice("reduction", reduction, {"mean", "sum"})
         self.micro_step = 0
         self.samples = 0
-        self.optimizer_steps = 0
+        self.windows = 0  # windows closed, stepped or skipped by the guard
+        self.optimizer_steps = 0  # windows whose step was taken
         self.last_clip = None
         self.last_guard = None
         self._pending = None  # (batch_size, boundary) inside accumulate()
@@ -103,7 +104,10 @@ class Accumulator:
             self._pending = None
 
     def backward(self, loss: torch.Tensor, batch_size: int | None = None, last: bool = False) -> bool:
-        """Back-propagate one micro-batch; step at the window's end. Returns True if it stepped.
+        """Back-propagate one micro-batch; step at the window's end.
+
+        Returns True if the optimizer stepped: False inside a window, and False at a
+        boundary whose step the guard skipped (``last_guard.reason`` says why).
 
         Args:
             loss: the micro-batch loss (a mean over its samples if reduction="mean").
@@ -130,12 +134,11 @@ class Accumulator:
         self.micro_step += 1
         self.samples += batch_size
         if boundary:
-            self._step()
-            return True
+            return self._step()
         return False
 
     def flush(self) -> bool:
-        """Close a partial window (e.g. after the loop). Returns True if it stepped."""
+        """Close a partial window (e.g. after the loop). Returns True if the optimizer stepped."""
         if self.micro_step == 0:
             return False
         if self._ddp:
@@ -147,21 +150,24 @@ class Accumulator:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(world)
-        self._step()
-        return True
+        return self._step()
 
     @torch.no_grad()
-    def _step(self) -> None:
+    def _step(self) -> bool:
         _, grads = named_grads(self.model)
         if self.reduction == "mean":
             torch._foreach_div_(grads, float(self.samples))
+        stepped = True
         if self.guard is not None:
             self.last_guard = self.guard.step()
+            stepped = self.last_guard.stepped
         else:
             if self.clipper is not None:
                 self.last_clip = self.clipper(self.model)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_steps += 1
+        self.windows += 1
+        self.optimizer_steps += int(stepped)
         self.micro_step = 0
         self.samples = 0
+        return stepped

@@ -13,13 +13,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from gradtools import _checks
-from gradtools.policies import get_policy
-from gradtools.torch.norms import _foreach_norms, _named_parameters, _raise_nonfinite, _total, device_groups, grad_stats
+from gradtools.stats import ClipperBase, ClipResult
+from gradtools.torch.norms import (
+    _foreach_norms,
+    _named_parameters,
+    _raise_nonfinite,
+    _stack,
+    _total,
+    device_groups,
+    grad_stats,
+)
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "adaptive_clip_grad_", "Clipper", "ClipResult"]
 
@@ -122,7 +128,7 @@ def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()) -> int:
+def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()) -> torch.Tensor:
     """Unit-wise adaptive gradient clipping (AGC; Brock et al., 2021).
 
     For every unit i (a row of a weight matrix, a filter of a convolution):
@@ -137,7 +143,15 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
             does not clip the final classifier, e.g. ``exclude=("fc",)``.
 
     Returns:
-        The number of units whose gradient was scaled down.
+        The number of units whose gradient was scaled down, as a 0-d int64 tensor on
+        the gradients' device: nothing is read to the host (``int(n)`` reads it).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 3)
+        >>> m(torch.ones(1, 2)).sum().backward()
+        >>> int(adaptive_clip_grad_(m, clip_factor=1e-3, exclude=("bias",)))
+        3
     """
     clip_factor = _checks.positive("clip_factor", clip_factor)
     eps = _checks.positive("eps", eps)
@@ -146,29 +160,21 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     pairs = _named_parameters(parameters)
     if not pairs:
         raise ValueError("parameters is empty: there are no gradients to clip")
-    clipped = torch.zeros((), dtype=torch.int64)
+    counts = []
     for name, p in pairs:
         if p.grad is None or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         max_norm = _unitwise_norm(p.detach()).clamp_(min=eps).mul_(clip_factor)
         grad_norm = _unitwise_norm(p.grad)
         scale = (max_norm / grad_norm.clamp(min=1e-6)).clamp(max=1.0)
-        clipped = clipped + (scale < 1.0).sum().to(clipped.device)
+        counts.append((scale < 1.0).sum())  # stays on the device
         p.grad.mul_(scale)
-    return int(clipped)
+    if not counts:
+        return torch.zeros((), dtype=torch.int64)
+    return _stack(counts).sum()
 
 
-@dataclass
-class ClipResult:
-    """What one call of a :class:`Clipper` did. Tensors stay on the device."""
-
-    norm_before: torch.Tensor
-    norm_after: torch.Tensor
-    threshold: float
-    clipped: bool
-
-
-class Clipper:
+class Clipper(ClipperBase):
     """Clip the global norm with any policy and report the norm before and after.
 
     Args:
@@ -187,37 +193,25 @@ class Clipper:
         False
     """
 
-    def __init__(self, policy, norm_type: float = 2.0):
-        self.policy = get_policy(policy)
-        self.norm_type = _checks.norm_type("norm_type", norm_type)
-
-    def __repr__(self):
-        return f"Clipper({self.policy!r}, norm_type={self.norm_type})"
-
-    @torch.no_grad()
-    def __call__(self, parameters, stats=None, norm: float | None = None) -> ClipResult:
-        """Clip ``parameters``' gradients; ``stats`` (a :class:`GradStats` of them) saves the norm pass.
-
-        ``norm`` is ``float(stats.total)`` when the caller has read it already (``GradGuard`` has),
-        so that a guarded, clipped step reads the norm from the device once.
-        """
+    def _measure(self, parameters, stats, norm):
+        """``(parameters, stats, norm)``, measuring what the caller did not pass."""
         if stats is None or stats.norm_type != self.norm_type:
             stats, norm = grad_stats(parameters, self.norm_type, count_nonfinite=False), None
-        total = stats.total
         # The policy needs the norm as a number: one host sync per step, inherent to
         # adaptive thresholds (a fixed threshold could avoid it, but then use clip_grad_norm_).
-        norm = float(total) if norm is None else norm
-        threshold = self.policy.step(norm)
+        return parameters, stats, (float(stats.total) if norm is None else norm)
+
+    @torch.no_grad()
+    def clip_to(self, parameters, threshold: float, stats=None, norm: float | None = None) -> ClipResult:
+        """Clip to a threshold decided elsewhere, without consulting the policy.
+
+        This is what :class:`GradGuard` calls: its decider asks the policy (so that a
+        skipped step never enters the policy's history), then the clipper rescales.
+        """
+        _, stats, norm = self._measure(parameters, stats, norm)
+        total = stats.total
         if norm <= threshold:
             return ClipResult(total, total, threshold, False)
         coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
         clip_grads_with_norm_(parameters, threshold, total)
         return ClipResult(total, total * coef, threshold, True)  # the norm scales linearly: no second pass
-
-    def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "norm_type": self.norm_type}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or "policy" not in state_dict:
-            raise ValueError(f"state_dict must be a dict with a 'policy' key, got {state_dict!r}")
-        self.policy.load_state_dict(state_dict["policy"])

@@ -8,6 +8,10 @@ stop loudly rather than spin.
 With a ``torch.amp.GradScaler`` pass it as ``scaler``: the guard unscales once,
 then checks, and lets the scaler own the step (an overflow under dynamic loss
 scaling is expected and only lowers the scale, so it is counted apart).
+
+A normal step reads one number from the device, the global norm: the guard, the
+spike detector and the clipping policy all decide on that float. Only a
+non-finite norm costs more (the per-parameter counts, to name the culprit).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from gradtools import _checks
 from gradtools.guard import NonFiniteGradientError, StepDecider, TooManySkipsError
 from gradtools.policies import SpikeDetector
-from gradtools.torch.norms import GradStats, grad_stats
+from gradtools.torch.norms import GradStats, count_nonfinite_entries, named_grads, stats_of
 
 __all__ = ["GradGuard", "NonFiniteGradientError", "TooManySkipsError", "GuardResult"]
 
@@ -36,7 +40,9 @@ class GradGuard:
     """Guard ``optimizer.step()`` against non-finite or spiking gradients.
 
     The decision itself is :class:`gradtools.guard.StepDecider`'s, shared with
-    ``gradtools.keras``; this class measures, zeroes and steps.
+    ``gradtools.keras``; this class measures, zeroes, clips and steps. The decider
+    is fed the clipper's policy, so it asks the policy for the threshold only on
+    steps it takes, and ``state_dict()`` holds the policy's running state too.
 
     Args:
         model (torch.nn.Module): names parameters by module path in messages.
@@ -69,8 +75,20 @@ class GradGuard:
         self.optimizer = optimizer
         self.decider = StepDecider(action, spike, max_consecutive_skips)
         self.scaler = scaler
-        self.clipper = clipper
+        self.clipper = clipper  # feeds its policy to the decider
         self.overflows = 0
+
+    @property
+    def clipper(self):
+        """The :class:`gradtools.torch.Clipper` applied after the check, or None."""
+        return self._clipper
+
+    @clipper.setter
+    def clipper(self, clipper):
+        if clipper is not None and not hasattr(clipper, "clip_to"):
+            raise TypeError(f"clipper must be a gradtools.torch.Clipper or None, got {type(clipper).__name__}")
+        self._clipper = clipper
+        self.decider.policy = None if clipper is None else clipper.policy
 
     # Counters live in the shared decider.
     steps = property(lambda self: self.decider.steps)
@@ -89,9 +107,14 @@ class GradGuard:
         """Check the gradients, then step the optimizer or skip. Returns what happened."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        stats = grad_stats(self.model)
+        names, grads = named_grads(self.model, "model")
+        norm_type = self.clipper.norm_type if self.clipper is not None else 2.0
+        stats = stats_of(names, grads, norm_type, count_nonfinite=False)
         norm = float(stats.total)  # the one host read of a normal step
-        first_bad = None if math.isfinite(norm) else (stats.first_nonfinite() or "<overflow>")
+        first_bad = None
+        if not math.isfinite(norm):
+            stats.nonfinite = count_nonfinite_entries(grads)
+            first_bad = stats.first_nonfinite() or "<overflow>"
         if first_bad is not None and self.scaler is not None and self.decider.action != "raise":
             # Dynamic loss scaling overflow: the scaler skips the step and lowers the scale.
             self.scaler.step(self.optimizer)
@@ -102,16 +125,15 @@ class GradGuard:
         bad_count = int(stats.nonfinite.sum()) if first_bad is not None else 0
         decision = self.decider.decide(norm, first_bad, bad_count)
         if decision.reason == "zero":
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            stats = grad_stats(self.model)
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            stats = stats_of(names, grads, norm_type, count_nonfinite=False)
             norm = float(stats.total)
             decision = self.decider.after_zeroing(norm)
         if not decision.proceed:
             return GuardResult(False, decision.reason, stats)
         if self.clipper is not None:
-            self.clipper(self.model, stats=stats, norm=norm)
+            self.clipper.clip_to(self.model, decision.threshold, stats=stats, norm=norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

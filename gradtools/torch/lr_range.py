@@ -15,6 +15,35 @@ from gradtools.lr_range import LRRangeResult, RangeSweep
 __all__ = ["lr_range_test", "LRRangeResult"]
 
 
+_END = object()
+
+
+def _batch_source(batches):
+    """A function returning the next batch, restarting a re-iterable, or _END."""
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}") from None
+    reiterable = it is not batches
+    state = {"it": it, "drawn": 0}
+
+    def draw():
+        for attempt in range(2):
+            try:
+                batch = next(state["it"])
+                state["drawn"] += 1
+                return batch
+            except StopIteration:
+                if state["drawn"] == 0:
+                    raise ValueError("batches is empty: the range test needs at least one batch") from None
+                if not reiterable or attempt:
+                    return _END
+                state["it"] = iter(batches)
+        return _END
+
+    return draw
+
+
 def lr_range_test(model, optimizer, loss_fn, batches, start_lr: float = 1e-7, end_lr: float = 10.0,
                   num_steps: int = 100, beta: float = 0.9, diverge_factor: float = 4.0) -> LRRangeResult:
     """Run an LR range test and restore model and optimizer afterwards.
@@ -23,7 +52,9 @@ def lr_range_test(model, optimizer, loss_fn, batches, start_lr: float = 1e-7, en
         model (torch.nn.Module): the model.
         optimizer (torch.optim.Optimizer): its optimizer; every param group's lr is swept.
         loss_fn (callable): ``loss_fn(model, batch) -> 0-d tensor``.
-        batches (iterable): batches; cycled if shorter than ``num_steps``.
+        batches (iterable): batches, drawn one at a time (a DataLoader is never
+            materialised). A re-iterable (list, DataLoader) is iterated again when it
+            runs out before ``num_steps``; a one-shot iterator ends the sweep there.
         start_lr, end_lr (float): the sweep's ends, default 1e-7 and 10.
         num_steps (int): steps in the sweep, default 100.
         beta (float): EMA factor for smoothing, default 0.9.
@@ -40,19 +71,20 @@ def lr_range_test(model, optimizer, loss_fn, batches, start_lr: float = 1e-7, en
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     sweep = RangeSweep(start_lr, end_lr, num_steps, beta, diverge_factor)
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty: the range test needs at least one batch")
+    draw = _batch_source(batches)
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(optimizer.state_dict())
     was_training = model.training
     try:
         model.train()
         for i in range(num_steps):
+            batch = draw()
+            if batch is _END:
+                break
             for group in optimizer.param_groups:
                 group["lr"] = sweep.lr(i)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batches[i % len(batches)])
+            loss = loss_fn(model, batch)
             done = sweep.record(float(loss.detach()))
             if sweep.diverged_at is not None:
                 break  # never step on a diverged loss

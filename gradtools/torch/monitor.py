@@ -1,4 +1,4 @@
-"""Record gradient statistics every ``every`` steps into a plain history.
+"""Sample gradient statistics once per ``every`` steps into a plain history.
 
 On a sampled step the monitor runs one :func:`grad_stats` pass and keeps the
 resulting tensors; it converts them to Python numbers only when ``history`` is
@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradtools import _checks
@@ -33,7 +35,7 @@ class Monitor:
 
     Args:
         model (torch.nn.Module): the model to watch.
-        every (int): record every ``every`` steps, default 1.
+        every (int): sampling period in steps (1: every step), default 1.
         norm_type (float): p of the p-norm, default 2.
         count_nonfinite (bool): record non-finite counts, default True.
         track_updates (bool): also record update-to-weight ratios (copies the
@@ -53,7 +55,6 @@ class Monitor:
         self._records: list = []
         self._ratios: list = []
         self._before = None
-        self._names = None
         self._params = _named_parameters(model, "model")  # resolved once
 
     def record(self) -> bool:
@@ -64,39 +65,52 @@ class Monitor:
         kept = [(n, p.grad) for n, p in self._params if p.grad is not None]
         if not kept:
             raise ValueError("model has no gradients to record: call loss.backward() before Monitor.record()")
-        stats = stats_of([n for n, _ in kept], [g for _, g in kept], self.norm_type, self.count_nonfinite)
-        self._names = stats.names
-        self._records.append((self.step, stats.total, stats.norms, stats.nonfinite))
+        names = tuple(n for n, _ in kept)  # which parameters had a gradient this step
+        stats = stats_of(list(names), [g for _, g in kept], self.norm_type, self.count_nonfinite)
+        self._records.append((self.step, names, stats.total, stats.norms, stats.nonfinite))
         if self.track_updates:
-            self._before = snapshot(self.model)
+            self._before = (tuple(n for n, _ in self._params), snapshot([p for _, p in self._params]))
         return True
 
     def after_step(self) -> None:
         """Call after ``optimizer.step()`` (needed only with ``track_updates``)."""
         if self._before is not None:
-            self._ratios.append((self.step, update_ratios(self.model, self._before)))
+            names, before = self._before
+            self._ratios.append((self.step, names, update_ratios([p for _, p in self._params], before)))
             self._before = None
+
+    @staticmethod
+    def _by_name(records, convert, missing) -> dict:
+        """``{name: [value per record]}``, ``missing`` where a record lacks the name.
+
+        Each record carries its own names: a parameter without a gradient on some
+        steps (a frozen layer) gets ``missing`` there, never another's value.
+        """
+        order = {}
+        for _, names, values in records:
+            order.update(dict.fromkeys(names))
+        out = {n: [] for n in order}
+        for _, names, values in records:
+            row = dict(zip(names, values.tolist()))
+            for n in out:
+                out[n].append(convert(row[n]) if n in row else missing)
+        return out
 
     @property
     def history(self) -> dict:
-        """Plain lists: ``step``, ``total_norm``, ``norms`` / ``nonfinite`` / ``update_ratio`` by name."""
-        names = self._names or []
-        out = {"step": [], "total_norm": [], "norms": {n: [] for n in names}}
+        """Plain lists, one entry per sampled step.
+
+        ``step`` and ``total_norm``; ``norms`` and ``nonfinite`` keyed by parameter name;
+        with ``track_updates``, ``update_step`` and ``update_ratio`` by name. A parameter
+        that had no gradient on a sampled step (frozen, unused) shows ``nan`` there in
+        ``norms`` and ``None`` in ``nonfinite``.
+        """
+        recs = self._records
+        out = {"step": [r[0] for r in recs], "total_norm": [float(r[2]) for r in recs],
+               "norms": self._by_name([(s, n, v) for s, n, _, v, _ in recs], float, math.nan)}
         if self.count_nonfinite:
-            out["nonfinite"] = {n: [] for n in names}
-        for step, total, norms, nonfinite in self._records:
-            out["step"].append(step)
-            out["total_norm"].append(float(total))
-            for n, v in zip(names, norms.tolist()):
-                out["norms"][n].append(v)
-            if nonfinite is not None:
-                for n, v in zip(names, nonfinite.tolist()):
-                    out["nonfinite"][n].append(int(v))
+            out["nonfinite"] = self._by_name([(s, n, c) for s, n, _, _, c in recs], int, None)
         if self.track_updates:
-            param_names = [n for n, _ in self.model.named_parameters()]
-            out["update_step"] = [s for s, _ in self._ratios]
-            out["update_ratio"] = {n: [] for n in param_names}
-            for _, ratios in self._ratios:
-                for n, v in zip(param_names, ratios.tolist()):
-                    out["update_ratio"][n].append(v)
+            out["update_step"] = [s for s, _, _ in self._ratios]
+            out["update_ratio"] = self._by_name(self._ratios, float, math.nan)
         return out

@@ -18,14 +18,15 @@ nan, and the 0-"norm" counts the non-zeros, two foreach kernels in all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
 from gradtools import _checks
+from gradtools.stats import GradStats
 
-__all__ = ["named_grads", "grad_stats", "stats_of", "get_total_norm", "GradStats", "snapshot", "update_ratios"]
+__all__ = ["named_grads", "grad_stats", "stats_of", "count_nonfinite_entries", "get_total_norm", "GradStats", "snapshot",
+           "update_ratios"]
 
 
 def _named_parameters(parameters, arg: str = "parameters") -> list[tuple[str, torch.Tensor]]:
@@ -97,9 +98,23 @@ def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool 
     return out  # type: ignore[return-value]
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack 0-d tensors on the first one's device (a copy only for those elsewhere)."""
+    device = tensors[0].device
+    return torch.stack([t if t.device == device else t.to(device) for t in tensors])
+
+
 def _total(norms: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    first = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    return torch.linalg.vector_norm(_stack(norms), norm_type)
+
+
+def count_nonfinite_entries(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Non-finite entries per tensor, a 1-d int64 tensor (two foreach kernels, no host sync).
+
+    ``||0 * g||_0``: multiplying by zero maps finite entries to 0 and inf/nan to nan,
+    and the 0-"norm" counts the non-zeros.
+    """
+    return _stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0)).to(torch.int64)
 
 
 def _raise_nonfinite(norm_type: float) -> None:
@@ -125,44 +140,6 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         _raise_nonfinite(norm_type)
     return total
-
-
-@dataclass
-class GradStats:
-    """Gradient statistics of one step; tensors stay on the device until read.
-
-    ``names`` are the module paths of the parameters that had a gradient;
-    ``norms`` is a 1-d tensor of their norms in that order; ``total`` is the
-    0-d global norm; ``nonfinite`` a 1-d int64 tensor of non-finite entry
-    counts (None if not asked for); ``norm_type`` the p of the p-norm.
-    """
-
-    names: list
-    norms: torch.Tensor
-    total: torch.Tensor
-    nonfinite: torch.Tensor | None
-    norm_type: float = 2.0
-
-    def as_dict(self) -> dict:
-        """Plain Python numbers (one host sync)."""
-        out = {
-            "total_norm": float(self.total),
-            "norms": dict(zip(self.names, self.norms.tolist())),
-        }
-        if self.nonfinite is not None:
-            out["nonfinite"] = dict(zip(self.names, self.nonfinite.tolist()))
-        return out
-
-    def first_nonfinite(self) -> str | None:
-        """Module path of the first parameter with a non-finite entry, or None."""
-        if self.nonfinite is not None:
-            bad = torch.nonzero(self.nonfinite).flatten().tolist()
-        else:
-            bad = torch.nonzero(~torch.isfinite(self.norms)).flatten().tolist()
-        return self.names[bad[0]] if bad else None
-
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.total))
 
 
 @torch.no_grad()
@@ -199,16 +176,14 @@ def grad_stats(parameters, norm_type: float = 2.0, count_nonfinite: bool = True,
 def stats_of(names: list, grads: list, norm_type: float = 2.0, count_nonfinite: bool = True,
              foreach: bool | None = None) -> GradStats:
     """:func:`grad_stats` on gradients already collected (no argument checks; for per-step loops)."""
-    norms = _foreach_norms(grads, norm_type, foreach)
-    stacked = torch.stack([n.to(norms[0].device) for n in norms])
+    stacked = _stack(_foreach_norms(grads, norm_type, foreach))
     total = torch.linalg.vector_norm(stacked, norm_type)
     nonfinite = None
     if count_nonfinite:
         if bool(torch.isfinite(total)):
             nonfinite = torch.zeros(len(grads), dtype=torch.int64, device=stacked.device)
         else:
-            counts = torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0)
-            nonfinite = torch.stack([c.to(stacked.device) for c in counts]).to(torch.int64)
+            nonfinite = count_nonfinite_entries(grads)
     return GradStats(names, stacked, total, nonfinite, norm_type)
 
 
@@ -230,7 +205,7 @@ def update_ratios(parameters, before: list[torch.Tensor], eps: float = 1e-12) ->
     if len(params) != len(before):
         raise ValueError(f"before holds {len(before)} tensors but parameters has {len(params)}")
     diffs = torch._foreach_sub(params, before)
-    num = torch.stack(torch._foreach_norm(diffs, 2.0))
-    den = torch.stack(torch._foreach_norm(before, 2.0))
+    num = _stack(torch._foreach_norm(diffs, 2.0))
+    den = _stack(torch._foreach_norm(before, 2.0))
     return num / (den + eps)
 

@@ -1,4 +1,7 @@
-"""Gradient statistics from ``GradOptimizer`` in ``fit()``'s logs and in a per-step history.
+"""Recording gradient statistics in Keras 3: the twin of :mod:`gradtools.torch.monitor`.
+
+``GradOptimizer`` measures the statistics in the train step; this module gets
+them out, into ``fit()``'s logs and into a per-step history.
 
 :class:`GradientStats` is a Keras metric whose ``result()`` reads the
 ``GradOptimizer``'s statistics inside the compiled train step, so they arrive
@@ -13,13 +16,53 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 from gradtools import _checks
 from gradtools.runtime import import_keras
 
 keras = import_keras()
+import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-__all__ = ["GradientLogger", "GradientStats"]
+__all__ = ["GradientLogger", "GradientStats", "Recorder", "GLOBAL_KEYS"]
+
+# The global statistics, in the order of fit()'s logs and of the recording buffer's first columns.
+GLOBAL_KEYS = ("grad_norm", "grad_norm_clipped", "grad_norm_mean", "grad_norm_clipped_mean", "clip_threshold",
+               "skipped_steps", "nonfinite")
+
+
+class Recorder:
+    """A ring buffer of per-step rows inside the graph: written by the train step, read at once.
+
+    One row per optimizer step (the global statistics, then optionally one column per
+    variable), so recording needs no per-batch host transfer. Plain ``tf.Variable``s,
+    outside the optimizer's variables, so never written into ``.keras`` files.
+    """
+
+    def __init__(self, capacity: int, names: list):
+        self.capacity = _checks.integer("capacity", capacity, minimum=1)
+        self.names = list(names)
+        self.buffer = tf.Variable(tf.zeros((self.capacity, len(self.names))), trainable=False, name="gradtools_record")
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradtools_record_count")
+
+    def write(self, row) -> None:
+        """Append one row (a 1-d float32 tensor), in the graph."""
+        index = self.count % self.capacity
+        self.buffer.scatter_nd_update(tf.reshape(index, (1, 1)), tf.expand_dims(row, 0))
+        self.count.assign_add(1)
+
+    def read(self) -> tuple[dict, int]:
+        """The rows written since the last read, oldest first, ``{name: [floats]}``; and how many were lost."""
+        count = int(self.count.numpy())
+        rows = self.buffer.numpy()
+        if count > self.capacity:
+            start = count % self.capacity
+            rows = np.concatenate([rows[start:], rows[:start]])
+        else:
+            rows = rows[:count]
+        self.count.assign(0)
+        return {name: rows[:, j].tolist() for j, name in enumerate(self.names)}, max(count - self.capacity, 0)
 
 
 class GradientStats(keras.metrics.Metric):
@@ -75,8 +118,18 @@ class GradientLogger(keras.callbacks.Callback):
             default: the number of batches in an epoch (4096 when unknown).
 
     Example:
-        >>> import keras, gradtools.keras as gk
+        >>> import keras, numpy as np, gradtools.keras as gk
+        >>> out = keras.layers.Dense(1, name="out")
+        >>> model = keras.Sequential([keras.Input((3,)), out], name="net")
+        >>> opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), clip=1.0)
+        >>> model.compile(optimizer=opt, loss="mse", jit_compile=False)
+        >>> x, y = np.ones((8, 3), np.float32), np.zeros((8, 1), np.float32)
         >>> logger = gk.GradientLogger(per_layer=True)
+        >>> h = model.fit(x, y, batch_size=4, epochs=2, callbacks=[logger], verbose=0)
+        >>> len(logger.history["grad_norm"]), sorted(h.history)[:3]
+        (4, ['clip_threshold', 'grad_norm', 'grad_norm_clipped'])
+        >>> len(logger.history["grad_norm/net/out/kernel"])
+        4
     """
 
     async_safe = True  # no batch hook: fit() may dispatch asynchronously
@@ -93,7 +146,7 @@ class GradientLogger(keras.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        from gradtools.keras.optimizer import GradOptimizer
+        from gradtools.keras.optimizer import GradOptimizer  # the optimizer imports this module
 
         opt = getattr(model, "optimizer", None)
         # Mixed precision: compile() wraps the optimizer in a LossScaleOptimizer, which unscales the

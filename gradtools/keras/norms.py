@@ -1,0 +1,136 @@
+"""Gradient statistics for Keras 3 (TensorFlow backend), the twin of :mod:`gradtools.torch.norms`.
+
+In Keras gradients are values returned by ``tape.gradient`` (or handed to
+``optimizer.apply``), not attributes of the variables, so every function here
+takes the gradients first and the variables second, in the order of
+``optimizer.apply(grads, variables)``. The results are the same records as in
+PyTorch (:class:`gradtools.stats.GradStats`), holding TensorFlow tensors; every
+function works eagerly and inside a ``tf.function``.
+
+Example:
+    >>> import keras, gradtools.keras as gk
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> x, y = keras.ops.ones((2, 3)), keras.ops.zeros((2, 1))
+    >>> grads = gk.loss_gradients(model, x, y)  # the Keras analogue of backward()
+    >>> s = gk.grad_stats(grads, model)
+    >>> [n.split("/")[-1] for n in s.names]
+    ['kernel', 'bias']
+    >>> bool(s.is_finite())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+from gradtools import _checks
+from gradtools.runtime import import_keras
+from gradtools.stats import GradStats
+
+keras = import_keras()
+import tensorflow as tf  # noqa: E402
+
+__all__ = ["GradStats", "grad_stats", "get_total_norm", "count_nonfinite_entries", "variable_names", "snapshot",
+           "update_ratios"]
+
+
+def variable_names(variables) -> list:
+    """Keras paths of ``variables`` (a Model or layer: its trainable variables), e.g. ``"sequential/dense/kernel"``."""
+    return [v.path for v in _variables(variables)]
+
+
+def _variables(variables) -> list:
+    if isinstance(variables, (keras.Model, keras.layers.Layer)):
+        return list(variables.trainable_variables)
+    return list(variables)
+
+
+def _as_float32(g):
+    return g if g.dtype == tf.float32 else tf.cast(g, tf.float32)
+
+
+def _norms(grads: list, norm_type: float = 2.0):
+    """Per-tensor norms (float32, 1-d) and their global norm, graph-friendly."""
+    if norm_type == 2.0:
+        # One fused op per tensor (L2Loss = sum(g**2) / 2), then one sqrt: on CPU every graph op
+        # costs ~10 us, so this halves the cost of the usual square-then-sum.
+        squares = 2.0 * tf.stack([tf.nn.l2_loss(_as_float32(g)) for g in grads])
+        return tf.sqrt(squares), tf.sqrt(tf.reduce_sum(squares))
+    if math.isinf(norm_type):
+        norms = tf.stack([tf.reduce_max(tf.abs(_as_float32(g))) for g in grads])
+        return norms, tf.reduce_max(norms)
+    norms = tf.stack([tf.norm(tf.reshape(_as_float32(g), [-1]), ord=norm_type) for g in grads])
+    return norms, tf.norm(norms, ord=norm_type)
+
+
+def count_nonfinite_entries(grads: list):
+    """Number of inf/nan entries per gradient, a 1-d int64 tensor."""
+    return tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(_as_float32(g))), tf.int64))
+                     for g in grads])
+
+
+def _check_grads(grads, arg="grads") -> list:
+    if isinstance(grads, (str, bytes)) or not hasattr(grads, "__iter__"):
+        raise TypeError(f"{arg} must be a list of gradient tensors, got {type(grads).__name__}")
+    grads = list(grads)
+    if not grads:
+        raise ValueError(f"{arg} is empty: there are no gradients to measure")
+    if any(g is None for g in grads):
+        missing = [i for i, g in enumerate(grads) if g is None]
+        raise ValueError(f"{arg} holds None at positions {missing}: drop the variables without a gradient "
+                         "(tape.gradient returns None for variables the loss does not depend on)")
+    return [tf.convert_to_tensor(g) for g in grads]
+
+
+def get_total_norm(tensors, norm_type: float = 2.0):
+    """Norm of a list of tensors as if concatenated into one vector (0-d float32 tensor).
+
+    The twin of ``torch.nn.utils.get_total_norm``; an empty list gives 0.
+    """
+    norm_type = _checks.norm_type("norm_type", norm_type)
+    tensors = [tensors] if tf.is_tensor(tensors) else list(tensors)
+    if not tensors:
+        return tf.constant(0.0)
+    return _norms(_check_grads(tensors, "tensors"), norm_type)[1]
+
+
+def grad_stats(grads, variables=None, norm_type: float = 2.0, count_nonfinite: bool = True) -> GradStats:
+    """Global and per-variable gradient norms (and non-finite counts) in one pass.
+
+    Args:
+        grads (list of tensors): the gradients, e.g. ``tape.gradient(loss, variables)``.
+        variables: the variables they belong to (a Model, a layer or a list), for the
+            names; without them the names are ``"0"``, ``"1"``, ...
+        norm_type (float): p of the p-norm, default 2; ``inf`` allowed.
+        count_nonfinite (bool): also count inf/nan entries per variable, default True.
+
+    Returns:
+        :class:`gradtools.stats.GradStats` with TensorFlow tensors, the same fields as
+        ``gradtools.torch.grad_stats`` returns.
+    """
+    norm_type = _checks.norm_type("norm_type", norm_type)
+    grads = _check_grads(grads)
+    if variables is None:
+        names = [str(i) for i in range(len(grads))]
+    else:
+        names = variable_names(variables)
+        if len(names) != len(grads):
+            raise ValueError(f"grads has {len(grads)} tensors but variables has {len(names)}")
+    norms, total = _norms(grads, norm_type)
+    counts = count_nonfinite_entries(grads) if count_nonfinite else None
+    return GradStats(names, norms, total, counts, norm_type)
+
+
+def snapshot(variables) -> list:
+    """Copies of the variables' values, for :func:`update_ratios`."""
+    return [tf.identity(v) for v in _variables(variables)]
+
+
+def update_ratios(variables, before: list, eps: float = 1e-12):
+    """``||w_after - w_before|| / (||w_before|| + eps)`` per variable, as a 1-d tensor."""
+    variables = _variables(variables)
+    if len(variables) != len(before):
+        raise ValueError(f"before holds {len(before)} tensors but variables has {len(variables)}")
+    num = tf.stack([tf.norm(_as_float32(tf.convert_to_tensor(v)) - _as_float32(b)) for v, b in zip(variables, before)])
+    den = tf.stack([tf.norm(_as_float32(b)) for b in before])
+    return num / (den + eps)

@@ -1,0 +1,108 @@
+"""What both backends share, framework-free: the records :class:`GradStats` and
+:class:`ClipResult`, and :class:`ClipperBase`, the policy-driven clipper's logic.
+
+``gradtools.torch`` fills them with PyTorch tensors, ``gradtools.keras`` with
+TensorFlow tensors; the fields and methods mean the same in both. Tensors stay
+where they were computed until a method (or the caller) reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gradtools import _checks
+from gradtools.policies import get_policy
+
+__all__ = ["GradStats", "ClipResult", "ClipperBase"]
+
+
+def _tolist(tensor) -> list:
+    """A 1-d tensor of either framework (or a NumPy array) as a Python list."""
+    if hasattr(tensor, "tolist"):  # torch.Tensor, numpy.ndarray
+        return tensor.tolist()
+    return tensor.numpy().tolist()  # tf.Tensor
+
+
+@dataclass
+class GradStats:
+    """Gradient statistics of one step; tensors stay on the device until read.
+
+    ``names``: the parameters (PyTorch module paths such as ``"0.weight"``) or
+    variables (Keras paths such as ``"sequential/dense_0/kernel"``) that had a
+    gradient; ``norms``: a 1-d tensor of their norms in that order; ``total``: the
+    0-d global norm (the norm of ``norms``, as ``torch.nn.utils.get_total_norm``
+    computes it); ``nonfinite``: a 1-d int64 tensor of inf/nan entry counts, or
+    None when they were not counted; ``norm_type``: the p of the p-norm.
+    """
+
+    names: list
+    norms: object
+    total: object
+    nonfinite: object = None
+    norm_type: float = 2.0
+
+    def as_dict(self) -> dict:
+        """Plain Python numbers: ``total_norm``, ``norms`` and ``nonfinite`` by name."""
+        out = {"total_norm": float(self.total), "norms": dict(zip(self.names, _tolist(self.norms)))}
+        if self.nonfinite is not None:
+            out["nonfinite"] = dict(zip(self.names, (int(c) for c in _tolist(self.nonfinite))))
+        return out
+
+    def first_nonfinite(self) -> str | None:
+        """Name of the first parameter with a non-finite entry, or None."""
+        if self.nonfinite is not None:
+            bad = [i for i, c in enumerate(_tolist(self.nonfinite)) if c]
+        else:
+            bad = [i for i, n in enumerate(_tolist(self.norms)) if not math.isfinite(n)]
+        return self.names[bad[0]] if bad else None
+
+    def is_finite(self) -> bool:
+        """Whether the global norm is finite (then every entry is)."""
+        return math.isfinite(float(self.total))
+
+
+@dataclass
+class ClipResult:
+    """What one call of a ``Clipper`` did: norms before and after, the threshold used."""
+
+    norm_before: object
+    norm_after: object
+    threshold: float
+    clipped: bool
+
+
+class ClipperBase:
+    """A clipping policy plus the rescaling; the backends provide ``_measure`` and ``clip_to``.
+
+    ``__call__`` asks the policy for this step's threshold and clips to it;
+    ``clip_to`` clips to a threshold decided elsewhere (a guard's decider asks the
+    policy itself, so that a skipped step never enters the policy's history).
+    """
+
+    def __init__(self, policy, norm_type: float = 2.0):
+        self.policy = get_policy(policy)
+        self.norm_type = _checks.norm_type("norm_type", norm_type)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.policy!r}, norm_type={self.norm_type})"
+
+    def _measure(self, grads, stats, norm):  # pragma: no cover - provided by the backends
+        raise NotImplementedError
+
+    def clip_to(self, grads, threshold: float, stats=None, norm: float | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, grads, stats=None, norm: float | None = None):
+        _, stats, norm = self._measure(grads, stats, norm)
+        return self.clip_to(grads, self.policy.step(norm), stats, norm)
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "norm_type": self.norm_type}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "policy" not in state_dict:
+            raise ValueError(f"state_dict must be a dict with a 'policy' key, got {state_dict!r}")
+        norm_type = _checks.norm_type("state_dict['norm_type']", state_dict.get("norm_type", self.norm_type))
+        self.policy.load_state_dict(state_dict["policy"])
+        self.norm_type = norm_type
