@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradtools.torch as gt
-from gradtools.policies import SpikeDetector
+from gradtools.policies import AutoClip, SpikeDetector, ZClip
 from torch_helpers import assert_bit_identical, backward, state_copy, tiny_mlp
 
 faults = st.tuples(
@@ -148,3 +148,43 @@ def test_guard_with_clipper_clips_in_the_clippers_norm_and_reads_the_norm_once(n
     assert len(reads) == 1
     after = gt.get_total_norm([p.grad for p in model.parameters()], norm_type)
     assert float(after) == pytest.approx(0.05, rel=1e-4)
+
+
+@pytest.mark.parametrize("policy", [lambda: ZClip(warmup_steps=3), lambda: AutoClip(percentile=30)],
+                         ids=["zclip", "autoclip"])
+def test_a_guard_resumed_from_its_state_dict_takes_the_same_decisions(policy):
+    # The guard's state holds the clipper's policy state (ZClip's EMA, AutoClip's history).
+    def run(resume_at=None):
+        model = tiny_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        guard = gt.GradGuard(model, opt, spike=SpikeDetector(window=6, min_history=3), clipper=gt.Clipper(policy()))
+        thresholds = []
+        for step in range(12):
+            if step == resume_at:
+                state = guard.state_dict()
+                guard = gt.GradGuard(model, opt, spike=SpikeDetector(window=6, min_history=3),
+                                     clipper=gt.Clipper(policy()))
+                guard.load_state_dict(state)
+            backward(model, seed=step, scale=1.0 + 3.0 * (step % 4 == 3))
+            guard.step()
+            thresholds.append(guard.clipper.policy.threshold() if hasattr(guard.clipper.policy, "threshold")
+                              else guard.clipper.policy.mean)
+        return thresholds, [p.detach().clone() for p in model.parameters()]
+
+    straight, w1 = run()
+    resumed, w2 = run(resume_at=6)
+    assert resumed == straight
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+
+
+def test_a_skipped_step_never_enters_the_policys_history():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gt.GradGuard(model, opt, clipper=gt.Clipper(AutoClip(percentile=50)))
+    backward(model)
+    guard.step()
+    backward(model)
+    model[0].weight.grad[0, 0] = math.inf
+    assert not guard.step().stepped
+    assert list(guard.clipper.policy.history) == list(guard.state_dict()["policy"]["history"]) and \
+        len(guard.clipper.policy.history) == 1

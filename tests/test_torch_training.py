@@ -129,3 +129,78 @@ def test_monitor_records_on_sampled_steps_only():
     assert all(v == 0 for vals in h["nonfinite"].values() for v in vals)
     assert len(h["update_ratio"]["0.weight"]) == 4 and all(0 < r < 1 for r in h["update_ratio"]["0.weight"])
     assert h["total_norm"][0] == pytest.approx(np.sqrt(sum(v[0] ** 2 for v in h["norms"].values())), rel=1e-5)
+
+
+def test_monitor_keeps_each_parameters_name_when_a_layer_is_frozen():
+    x, y = _data(16)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gt.Monitor(model, track_updates=True)
+    truth = []
+    for step in range(4):
+        if step == 2:
+            model[0].requires_grad_(False)  # freeze the first layer
+            model[0].weight.grad = model[0].bias.grad = None
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        truth.append({n: float(p.grad.norm()) for n, p in model.named_parameters() if p.grad is not None})
+        mon.record()
+        opt.step()
+        mon.after_step()
+    h = mon.history
+    for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        want = [t.get(name, float("nan")) for t in truth]
+        np.testing.assert_allclose(h["norms"][name], want, rtol=1e-6)
+    assert h["nonfinite"]["0.weight"] == [0, 0, None, None] and h["nonfinite"]["2.bias"] == [0, 0, 0, 0]
+    assert h["update_ratio"]["0.weight"][2:] == [0.0, 0.0] and min(h["update_ratio"]["2.weight"]) > 0
+
+
+def test_accumulator_counts_only_the_steps_it_took():
+    x, y = _data(16)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gt.Accumulator(model, opt, 2, guard=gt.GradGuard(model, opt))
+    stepped = []
+    for w in range(3):
+        for k in range(2):
+            xb = x[8 * k:8 * k + 8].clone()
+            if w == 1:
+                xb[0, 0] = float("nan")  # poisons the second window
+            stepped.append(acc.backward(torch.nn.functional.mse_loss(model(xb), y[:8]), batch_size=8))
+    assert stepped == [False, True, False, False, False, True]
+    assert acc.windows == 3 and acc.optimizer_steps == 2 and acc.last_guard.reason == "ok"
+
+
+def test_clipper_state_carries_its_norm_type_and_norm_type_must_be_a_norm():
+    a = gt.Clipper(1.0, norm_type=float("inf"))
+    b = gt.Clipper(1.0)
+    b.load_state_dict(a.state_dict())
+    assert b.norm_type == float("inf")
+    with pytest.raises(ValueError, match=r"state_dict\['norm_type'\] must be a number >= 1 or inf"):
+        b.load_state_dict({**a.state_dict(), "norm_type": 0.5})
+    with pytest.raises(ValueError, match=r"norm_type must be a number >= 1 or inf \(a p-norm\), got 0.5"):
+        gt.Clipper(1.0, norm_type=0.5)
+
+
+def test_lr_range_test_draws_batches_lazily():
+    x, y = _data(64)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    drawn, used = [0], []
+
+    def loader():  # a one-shot stream: the sweep must draw one batch per step, never ahead
+        for i in range(30):
+            drawn[0] += 1
+            yield i, (x[i % 8 * 8:(i % 8 + 1) * 8], y[i % 8 * 8:(i % 8 + 1) * 8])
+
+    def loss_fn(m, batch):
+        used.append((batch[0], drawn[0]))
+        return torch.nn.functional.mse_loss(m(batch[1][0]), batch[1][1])
+
+    r = gt.lr_range_test(model, opt, loss_fn, loader(), start_lr=1e-4, end_lr=1e-2, num_steps=50)
+    assert [i for i, _ in used] == list(range(30)) and all(d == i + 1 for i, d in used)
+    assert len(r.lrs) == 30 and r.diverged_at is None  # the stream ended the sweep
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16])]  # a list is re-iterated
+    r = gt.lr_range_test(model, opt, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches,
+                         start_lr=1e-4, end_lr=1e-2, num_steps=5)
+    assert len(r.lrs) == 5

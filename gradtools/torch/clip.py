@@ -50,7 +50,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for idx, use_foreach in device_groups(grads, foreach):
         group = [grads[i] for i in idx]
-        c = coef.to(group[0].device)
+        c = coef if coef.device == group[0].device else coef.to(group[0].device)
         if use_foreach:
             torch._foreach_mul_(group, c)
         else:
