@@ -17,7 +17,7 @@ Example:
     >>> grads = [np.full((2, 2), 3.0, np.float32), np.full(2, 4.0, np.float32)]
     >>> clipped, total = gk.clip_grad_norm(grads, max_norm=1.0)
     >>> round(float(total), 3), round(float(gk.get_total_norm(clipped)), 3)
-    (7.211, 1.0)
+    (8.246, 1.0)
 """
 
 from __future__ import annotations

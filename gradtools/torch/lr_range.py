@@ -55,7 +55,8 @@ def lr_range_test(model, optimizer, loss_fn, batches, start_lr: float = 1e-7, en
         batches (iterable): batches, drawn one at a time (a DataLoader is never
             materialised). A re-iterable (list, DataLoader) is iterated again when it
             runs out before ``num_steps``; a one-shot iterator ends the sweep there.
-        start_lr, end_lr (float): the sweep's ends, default 1e-7 and 10.
+        start_lr (float): the sweep's first rate, default 1e-7.
+        end_lr (float): its last rate, default 10.
         num_steps (int): steps in the sweep, default 100.
         beta (float): EMA factor for smoothing, default 0.9.
         diverge_factor (float): stop when smoothed loss > factor * best, default 4.
