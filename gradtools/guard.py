@@ -104,6 +104,7 @@ class StepDecider:
         return Decision(True, "zeroed" if zeroed else "ok", threshold)
 
     def state_dict(self) -> dict:
+        """Counters, and the spike detector's and the policy's state (plain Python values)."""
         state = {"steps": self.steps, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
         if self.spike is not None:
             state["spike"] = self.spike.state_dict()
@@ -118,8 +119,11 @@ class StepDecider:
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing key {key!r}")
             setattr(self, key, _checks.integer(f"state_dict[{key!r}]", state_dict[key], minimum=0))
-        for key, obj in (("spike", self.spike), ("policy", self.policy)):
-            if obj is not None:
-                if key not in state_dict:
-                    raise ValueError(f"state_dict has no {key!r} state but this guard has one")
-                obj.load_state_dict(state_dict[key])
+        if self.spike is not None:
+            if "spike" not in state_dict:
+                raise ValueError("state_dict has no 'spike' state but this guard has a spike detector")
+            self.spike.load_state_dict(state_dict["spike"])
+        # A state without a policy (a guard that had no clipper, or one saved by gradtools 0.1,
+        # whose PyTorch guard did not hold it) leaves the policy's own state as it is.
+        if self.policy is not None and "policy" in state_dict:
+            self.policy.load_state_dict(state_dict["policy"])

@@ -53,7 +53,9 @@ class GradGuard:
         max_consecutive_skips (int): raise ``TooManySkipsError`` after this many
             skips in a row, default 10.
         scaler (torch.amp.GradScaler or None): mixed precision; see module doc.
-        clipper (gradtools.torch.Clipper or None): clip after checking, before stepping.
+        clipper (gradtools.torch.Clipper or None): clip after checking, before
+            stepping; the decider asks its policy for the threshold, and
+            ``state_dict()`` carries the policy's state.
 
     Example:
         >>> import torch
