@@ -9,7 +9,7 @@ PyTorch in the tests. Every function works eagerly and inside a ``tf.function``.
   and Keras' ``global_clipnorm`` do (not as Keras' per-variable ``clipnorm``);
 * :func:`clip_grad_value` clamps every entry, as ``clipvalue``;
 * :func:`adaptive_clip_grad` is unit-wise adaptive clipping (AGC, Brock et al. 2021);
-* :class:`Clipper` applies any policy of :mod:`gradtools.policies`;
+* :class:`~gradtools.keras.clip.Clipper` applies any policy of :mod:`gradtools.policies`;
 * :func:`compare_clipping` runs Keras' three options and PyTorch's on the same gradients.
 
 Example:

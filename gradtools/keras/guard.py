@@ -86,7 +86,7 @@ class GradGuard:
         spike (SpikeDetector or None): also skip steps whose global norm is a spike.
         max_consecutive_skips (int): raise ``TooManySkipsError`` after this many skips
             in a row, default 10.
-        clipper (gradtools.keras.Clipper or None): clip after checking; its policy
+        clipper (gradtools.keras.clip.Clipper or None): clip after checking; its policy
             is the decider's, as in ``gradtools.torch.GradGuard``.
     """
 
@@ -103,7 +103,7 @@ class GradGuard:
 
     @property
     def clipper(self):
-        """The :class:`gradtools.keras.Clipper` applied after the check, or None."""
+        """The :class:`~gradtools.keras.clip.Clipper` applied after the check, or None."""
         return self._clipper
 
     @clipper.setter

@@ -37,8 +37,8 @@ class Accumulator:
         model (torch.nn.Module): the model (possibly wrapped in DDP).
         optimizer (torch.optim.Optimizer): stepped once per window.
         accumulation_steps (int): micro-batches per optimizer step, >= 1.
-        clipper (Clipper or None): applied at the boundary.
-        guard (GradGuard or None): steps the optimizer at the boundary (and may skip).
+        clipper (gradtools.torch.clip.Clipper or None): applied at the boundary.
+        guard (gradtools.torch.guard.GradGuard or None): steps the optimizer at the boundary (and may skip).
         reduction (str): ``"mean"`` (the loss is a per-sample mean, default) or ``"sum"``.
 
     Example:

@@ -7,7 +7,7 @@
 * :func:`adaptive_clip_grad_` is unit-wise adaptive gradient clipping (AGC,
   Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
   Normalization").
-* :class:`Clipper` applies any policy from :mod:`gradtools.policies` and
+* :class:`~gradtools.torch.clip.Clipper` applies any policy from :mod:`gradtools.policies` and
   reports the norm before and after.
 """
 
@@ -205,7 +205,7 @@ class Clipper(ClipperBase):
     def clip_to(self, parameters, threshold: float, stats=None, norm: float | None = None) -> ClipResult:
         """Clip to a threshold decided elsewhere, without consulting the policy.
 
-        This is what :class:`GradGuard` calls: its decider asks the policy (so that a
+        This is what :class:`~gradtools.torch.guard.GradGuard` calls: its decider asks the policy (so that a
         skipped step never enters the policy's history), then the clipper rescales.
         """
         _, stats, norm = self._measure(parameters, stats, norm)

@@ -53,7 +53,7 @@ class GradGuard:
         max_consecutive_skips (int): raise ``TooManySkipsError`` after this many
             skips in a row, default 10.
         scaler (torch.amp.GradScaler or None): mixed precision; see module doc.
-        clipper (gradtools.torch.Clipper or None): clip after checking, before
+        clipper (gradtools.torch.clip.Clipper or None): clip after checking, before
             stepping; the decider asks its policy for the threshold, and
             ``state_dict()`` carries the policy's state.
 
@@ -82,7 +82,7 @@ class GradGuard:
 
     @property
     def clipper(self):
-        """The :class:`gradtools.torch.Clipper` applied after the check, or None."""
+        """The :class:`~gradtools.torch.clip.Clipper` applied after the check, or None."""
         return self._clipper
 
     @clipper.setter
