@@ -70,9 +70,16 @@ class StepDecider:
         return Decision(False, reason, math.inf)
 
     def skip(self, reason: str) -> Decision:
-        """Record a step skipped for a reason found by the caller (e.g. a loss-scale overflow)."""
+        """Record a step skipped for a reason found by the caller; it counts towards ``max_consecutive_skips``."""
         self.steps += 1
         return self._skip(reason)
+
+    def overflow(self) -> Decision:
+        """Record a loss-scale overflow: a step not taken, but an expected one under dynamic loss
+        scaling (the scaler lowers its scale), so neither ``skipped`` nor the consecutive-skip
+        limit counts it."""
+        self.steps += 1
+        return Decision(False, "overflow", math.inf)
 
     def after_zeroing(self, norm: float) -> Decision:
         """Second half of a ``"zero"`` decision: the bad entries were zeroed, ``norm`` re-measured."""

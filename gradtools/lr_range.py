@@ -2,9 +2,14 @@
 
 The learning rate grows exponentially from ``start_lr`` to ``end_lr``; the
 loss is smoothed with a bias-corrected EMA; the sweep stops when the smoothed
-loss exceeds ``diverge_factor`` times its best value or becomes non-finite. The
-suggestion is the rate at the steepest descent of the smoothed loss against
-log(lr), a common and conservative reading of the curve.
+loss exceeds ``diverge_factor`` times its best value or becomes non-finite.
+
+Two readings of the curve come back, both leaving out the first
+``1 / (1 - beta)`` steps, where the average still rests on a few batches.
+``suggested_lr`` is a tenth of the rate at the smoothed loss's minimum (fast.ai's
+"minimum" rule): robust, because it rests on where the loss is lowest, not on a
+slope that batch-to-batch noise can fake. ``steepest_lr`` is the rate of steepest
+descent against log(lr); on a noisy curve it can land anywhere the noise dips.
 
 :class:`RangeSweep` holds that logic step by step; ``gradtools.torch.lr_range_test``
 and the Keras callback ``gradtools.keras.LRRangeTest`` only train and restore.
@@ -24,11 +29,20 @@ __all__ = ["LRRangeResult", "RangeSweep", "lr_schedule", "smooth_losses", "sugge
 
 @dataclass
 class LRRangeResult:
+    """The curve of an LR range test and its two readings.
+
+    ``lrs``: the rates tried; ``losses``: the smoothed losses; ``raw_losses``: each
+    batch's own loss; ``suggested_lr``: a tenth of the rate at the smoothed minimum;
+    ``diverged_at``: the step at which the sweep stopped on divergence, or None;
+    ``steepest_lr``: the rate of steepest descent (see the module docstring).
+    """
+
     lrs: list
-    losses: list  # smoothed
+    losses: list
     raw_losses: list
     suggested_lr: float | None
-    diverged_at: int | None  # step index where the sweep stopped, or None
+    diverged_at: int | None
+    steepest_lr: float | None = None
 
 
 def lr_schedule(start_lr: float, end_lr: float, num_steps: int) -> np.ndarray:
@@ -51,10 +65,15 @@ def smooth_losses(losses, beta: float = 0.9) -> list:
     return out
 
 
-def suggest_lr(lrs, smoothed) -> float | None:
-    """Rate of steepest descent of the smoothed loss against log(lr)."""
-    lrs = np.asarray(lrs, dtype=float)
-    sm = np.asarray(smoothed, dtype=float)
+def suggest_lr(lrs, smoothed, skip_start: int = 0) -> float | None:
+    """Rate of steepest descent of the smoothed loss against log(lr).
+
+    ``skip_start`` leaves out the first points, where the moving average still
+    rests on a handful of batches and one lucky batch looks like a steep descent.
+    """
+    skip_start = _checks.integer("skip_start", skip_start, minimum=0)
+    lrs = np.asarray(lrs, dtype=float)[skip_start:]
+    sm = np.asarray(smoothed, dtype=float)[skip_start:]
     if len(lrs) < 3:
         return None
     slopes = np.gradient(sm, np.log(lrs))
@@ -97,5 +116,12 @@ class RangeSweep:
 
     def result(self) -> LRRangeResult:
         stop = self.diverged_at if self.diverged_at is not None else len(self.lrs)
-        return LRRangeResult(self.lrs, self.smoothed, self.raw, suggest_lr(self.lrs[:stop], self.smoothed[:stop]),
-                             self.diverged_at)
+        # The EMA averages over about 1 / (1 - beta) batches: skip that many (at most a third).
+        skip = min(int(round(1 / (1 - self.beta))), stop // 3)
+        smoothed = np.asarray(self.smoothed[skip:stop], dtype=float)
+        finite = np.isfinite(smoothed)
+        minimum = None
+        if finite.any():
+            minimum = self.lrs[skip + int(np.nanargmin(np.where(finite, smoothed, np.nan)))] / 10
+        return LRRangeResult(self.lrs, self.smoothed, self.raw, minimum, self.diverged_at,
+                             suggest_lr(self.lrs[:stop], self.smoothed[:stop], skip))

@@ -5,7 +5,8 @@ imported anywhere. Only ``setup`` and :func:`seed_everything` change a framework
 global state; importing any part of ``gradtools`` never does. ``setup``
 
 * sets ``TF_CPP_MIN_LOG_LEVEL``, ``TF_ENABLE_ONEDNN_OPTS=0`` and
-  ``TF_DETERMINISTIC_OPS`` before TensorFlow can read them;
+  ``TF_DETERMINISTIC_OPS`` before TensorFlow can read them (only when Keras is
+  among the frameworks);
 * seeds Python, NumPy, and (if asked) PyTorch and Keras;
 * sets TensorFlow's Python loggers to errors only;
 * turns on each framework's deterministic mode;
@@ -38,20 +39,24 @@ from gradtools import _checks
 __all__ = ["setup", "seed_everything", "import_keras", "quiet_stderr"]
 
 _ENV = {
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-    "TF_ENABLE_ONEDNN_OPTS": "0",
-    "TF_DETERMINISTIC_OPS": "1",
-    "TF_CUDNN_DETERMINISTIC": "1",
-    "KERAS_BACKEND": "tensorflow",
-    "PYTHONHASHSEED": "0",
+    "common": {"PYTHONHASHSEED": "0"},
+    "keras": {
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "TF_DETERMINISTIC_OPS": "1",
+        "TF_CUDNN_DETERMINISTIC": "1",
+        "KERAS_BACKEND": "tensorflow",
+    },
     # PyTorch: deterministic cuBLAS on GPUs; harmless on CPU.
-    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    "torch": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
 }
 
 
-def _set_env() -> None:
-    for key, value in _ENV.items():
-        os.environ.setdefault(key, value)
+def _set_env(frameworks=("torch", "keras")) -> None:
+    """The environment of the named frameworks only (kept where the user set it already)."""
+    for group in ("common", *frameworks):
+        for key, value in _ENV[group].items():
+            os.environ.setdefault(key, value)
 
 
 @contextlib.contextmanager
@@ -116,7 +121,7 @@ def seed_everything(seed: int = 0, frameworks=("torch", "keras")) -> None:
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True, warn_only=False)
     if "keras" in frameworks:
-        _set_env()
+        _set_env(("keras",))
         keras = import_keras()
         import tensorflow as tf
 
@@ -156,7 +161,7 @@ def setup(seed: int = 0, frameworks=("torch", "keras")) -> dict:
     unknown = set(frameworks) - {"torch", "keras"}
     if unknown:
         raise ValueError(f"frameworks must contain only 'torch' and 'keras', got {tuple(frameworks)!r}")
-    _set_env()
+    _set_env(frameworks)
     _setup_matplotlib()
     seed_everything(seed, frameworks)
     info = {"seed": seed, "numpy": np.__version__}

@@ -94,7 +94,7 @@ class ClipperBase:
         raise NotImplementedError
 
     def __call__(self, grads, stats=None, norm: float | None = None):
-        _, stats, norm = self._measure(grads, stats, norm)
+        grads, stats, norm = self._measure(grads, stats, norm)
         return self.clip_to(grads, self.policy.step(norm), stats, norm)
 
     def state_dict(self) -> dict:

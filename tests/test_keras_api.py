@@ -51,6 +51,13 @@ model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers
 model.compile(optimizer=gk.GradOptimizer(keras.optimizers.Adam(1e-3), clip="zclip"), loss="mse", jit_compile=False)
 model.fit(np.ones((16, 4), "float32"), np.ones((16, 1), "float32"), epochs=1, verbose=0)
 out["fit"] = True
+# XLA (what Keras' default jit_compile="auto" picks on a GPU machine): GradOptimizer must say what to do
+model.compile(optimizer=gk.GradOptimizer(keras.optimizers.SGD(0.1)), loss="mse", jit_compile=True)
+try:
+    model.fit(np.ones((8, 4), "float32"), np.ones((8, 1), "float32"), epochs=1, verbose=0)
+    out["xla"] = "no error"
+except ValueError as exc:
+    out["xla"] = "jit_compile=False" in str(exc)
 print(json.dumps(out))
 """
 
@@ -61,14 +68,19 @@ def test_importing_gradtools_keras_changes_nothing_global():
     proc = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out == {"env": [], "determinism": False, "logger": True, "fit": True}
+    assert out == {"env": [], "determinism": False, "logger": True, "fit": True, "xla": True}
 
 
-def test_an_xla_compiled_train_step_is_refused_with_a_clear_error():
-    x, y = _data(16)
-    model = _model(gk.GradOptimizer(keras.optimizers.SGD(0.1), clip=1.0), jit_compile=True)
+def test_an_xla_compiled_step_is_refused_with_a_clear_error():
+    # In a fresh process (above) jit_compile=True makes fit() fail with this message; here,
+    # where other tests may have switched on op determinism (which makes Keras fall back
+    # from XLA), the guard is traced under XLA directly.
+    guard = gk.GradGuard(keras.optimizers.SGD(0.1), clipper=gk.Clipper(1.0))
+    w = keras.Variable(np.zeros(2, np.float32))
+    step = tf.function(lambda g: guard.apply([g], [w]), jit_compile=True)
     with pytest.raises(ValueError, match=r"use model.compile\(\.\.\., jit_compile=False\)"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        step(tf.constant([1.0, 2.0]))
+    assert bool(tf.function(lambda g: guard.apply([g], [w]))(tf.constant([1.0, 2.0])))  # no XLA: fine
 
 
 def test_lr_range_test_records_each_batchs_loss_and_restores_the_guard():
@@ -210,3 +222,57 @@ def test_stats_records_are_shared_and_name_the_culprit():
         gk.grad_stats([grads[0], None])
     with pytest.raises(ValueError, match="norm_type must be a number >= 1 or inf"):
         gk.grad_stats(grads, norm_type=0.5)
+
+
+def test_keras_guard_measures_in_the_clippers_norm_like_torch():
+    w = keras.Variable(np.zeros(2, np.float32))
+    guard = gk.GradGuard(keras.optimizers.SGD(1.0), clipper=gk.Clipper(1.0, norm_type=math.inf))
+    assert bool(guard.apply([np.array([3.0, 4.0], np.float32)], [w]))
+    p = torch.nn.Parameter(torch.zeros(2))
+    tguard = gt.GradGuard(torch.nn.ParameterList([p]), torch.optim.SGD([p], lr=1.0),
+                          clipper=gt.Clipper(1.0, norm_type=math.inf))
+    p.grad = torch.tensor([3.0, 4.0])
+    tguard.step()
+    np.testing.assert_allclose(-w.numpy(), -p.detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(w.numpy(), [-0.75, -1.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_grad_optimizer_trains_past_missing_gradients_and_frozen_layers(accumulation_steps):
+    x, y = _data(32)
+    inp = keras.Input((SIZES[0],))
+    base = keras.layers.Dense(8, activation="tanh", name="base")
+    out = keras.layers.Dense(SIZES[-1], name="head")(base(inp))
+    aux = keras.layers.Dense(2, name="unused")(inp)  # an output without a loss: no gradients
+    model = keras.Model(inp, {"head": out, "aux": aux})
+    opt = gk.GradOptimizer(keras.optimizers.Adam(1e-2), clip=1.0, accumulation_steps=accumulation_steps)
+    model.compile(optimizer=opt, loss={"head": "mse"}, jit_compile=False)
+    logger = gk.GradientLogger()
+    with pytest.warns(UserWarning, match="Gradients do not exist for variables"):
+        model.fit(x, {"head": y}, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
+    unused_key = next(k for k in logger.history if k.startswith("grad_norm/") and "unused" in k)
+    assert logger.history[unused_key] == [0.0] * (4 // accumulation_steps)
+    kernel = model.get_layer("base").kernel.numpy().copy()
+    model.get_layer("base").trainable = False  # freeze, recompile with the same optimizer
+    model.compile(optimizer=opt, loss={"head": "mse"}, jit_compile=False)
+    head = model.get_layer("head").kernel.numpy().copy()
+    model.fit(x, {"head": y}, batch_size=8, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.get_layer("base").kernel.numpy(), kernel)
+    assert not np.array_equal(model.get_layer("head").kernel.numpy(), head)
+
+
+def test_validation_adds_no_copies_of_the_gradient_statistics():
+    x, y = _data(40)
+    model = _model(gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=np.float32(1.0)))
+    hist = model.fit(x, y, batch_size=8, epochs=2, validation_split=0.2, verbose=0, callbacks=[gk.GradientLogger()])
+    assert "val_loss" in hist.history and "grad_norm" in hist.history
+    assert not [k for k in hist.history if k.startswith(("val_grad", "val_clip", "val_skipped", "val_nonfinite"))]
+    assert model.optimizer.get_config()["clip"] == 1.0 and type(model.optimizer.get_config()["clip"]) is float
+
+
+def test_norm_helpers_take_one_tensor_and_can_refuse_a_nonfinite_norm():
+    g = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
+    assert gk.grad_stats(g).names == ["0"] and float(gk.grad_stats(g).total) == pytest.approx(5.0)
+    assert float(gk.get_total_norm(g)) == pytest.approx(5.0)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gk.get_total_norm([np.array([np.inf], np.float32)], error_if_nonfinite=True)

@@ -60,3 +60,24 @@ def test_divergence_step_and_bad_input():
     with pytest.raises(ValueError, match="condition must be >= 1"):
         data.random_quadratic(3, condition=0.5)
     assert maths.power_iteration(lambda v: [2.0 * v[0]], [(3,)], iters=5) == pytest.approx(2.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lr_range_suggestion_resists_batch_noise(seed):
+    # A flat loss with large batch-to-batch noise up to lr 0.01, a real descent up to lr 0.5,
+    # then divergence: the suggestion must land in the descent, whatever the noise.
+    from gradtools.lr_range import RangeSweep
+
+    rng = np.random.default_rng(seed)
+    sweep = RangeSweep(1e-4, 10.0, 50)
+    for i in range(50):
+        lr = sweep.lr(i)
+        trend = 5.0 if lr < 0.01 else max(5.0 - 4.0 * np.log(lr / 0.01) / np.log(50), 1.0)
+        if lr > 0.7:
+            trend = 1.0 + 50 * (lr - 0.7)
+        noise = rng.normal(0, 2.0) if lr < 0.01 else rng.normal(0, 0.1)
+        if sweep.record(max(trend + noise, 0.01)):
+            break
+    r = sweep.result()
+    assert 0.01 <= r.suggested_lr <= 0.1, r.suggested_lr
+    assert r.diverged_at is not None and r.steepest_lr is not None

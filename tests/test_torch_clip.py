@@ -159,3 +159,15 @@ def test_bad_input(call, exc, message):
         call(m)
     for p, g in zip(m.parameters(), before):  # nothing was touched
         assert torch.equal(p.grad, g)
+
+
+def test_clipping_takes_model_parameters_a_generator_read_once():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    m(torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).sum().backward()
+    ref = [p.grad.clone() for p in m.parameters()]
+    total = gt.clip_grad_norm_(m.parameters(), 0.1)
+    want = torch.nn.utils.get_total_norm(ref)
+    assert float(total) == pytest.approx(float(want), rel=1e-6)
+    assert float(gt.get_total_norm([p.grad for p in m.parameters()])) == pytest.approx(0.1, rel=1e-4)
+    r = gt.Clipper(0.05)(m.parameters())
+    assert r.clipped and float(gt.get_total_norm([p.grad for p in m.parameters()])) == pytest.approx(0.05, rel=1e-4)

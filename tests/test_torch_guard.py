@@ -188,3 +188,19 @@ def test_a_skipped_step_never_enters_the_policys_history():
     assert not guard.step().stepped
     assert list(guard.clipper.policy.history) == list(guard.state_dict()["policy"]["history"]) and \
         len(guard.clipper.policy.history) == 1
+
+
+def test_loss_scale_overflows_are_counted_apart_and_never_raise_too_many_skips():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    guard = gt.GradGuard(model, opt, scaler=scaler, max_consecutive_skips=3)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    reasons = []
+    for _ in range(20):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean() * 1e3).backward()
+        reasons.append(guard.step().reason)
+    assert reasons[:4] == ["overflow"] * 4  # more in a row than max_consecutive_skips, no error
+    assert guard.overflows == reasons.count("overflow") and guard.skipped == 0
+    assert "ok" in reasons  # the scale came down far enough to step

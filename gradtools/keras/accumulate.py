@@ -48,17 +48,22 @@ class GradientAccumulator:
         self.sums = ([optimizer.add_variable_from_reference(v, name="accumulator") for v in var_list]
                      if self.accumulation_steps > 1 else [])
 
-    def add(self, grads, apply_window):
+    def add(self, grads, apply_window, index=None):
         """Add one micro-batch; at the window's end call ``apply_window(mean gradients)``.
 
-        Returns a boolean tensor: whether this micro-batch closed a window.
+        ``index``: the positions of ``grads`` among the variables the state was built
+        for (default: all, in order), so that a step may carry a subset of them (a
+        frozen layer, a variable without a gradient). Returns a boolean tensor: whether
+        this micro-batch closed a window.
         """
         if self.accumulation_steps == 1:
             apply_window(list(grads))
             return tf.constant(True)
-        for acc, g in zip(self.sums, grads):
-            acc.assign_add(tf.cast(g, acc.dtype))
+        index = list(range(len(grads))) if index is None else list(index)
+        for i, g in zip(index, grads):
+            self.sums[i].assign_add(tf.cast(g, self.sums[i].dtype))
         self.micro_step.assign_add(1)
+        self._index = tuple(index)
 
         def boundary():
             self._close(self.accumulation_steps, apply_window)
@@ -73,7 +78,8 @@ class GradientAccumulator:
         return int(self.micro_step.numpy()) % self.accumulation_steps
 
     def _close(self, count, apply_window):
-        apply_window([tf.convert_to_tensor(acc) / float(count) for acc in self.sums])
+        index = getattr(self, "_index", range(len(self.sums)))
+        apply_window([tf.convert_to_tensor(self.sums[i]) / float(count) for i in index])
         for acc in self.sums:
             acc.assign(tf.zeros_like(acc))
 
@@ -110,10 +116,10 @@ class AccumulationAware(keras.optimizers.schedules.LearningRateSchedule):
 def accumulation_aware(schedule, accumulation_steps: int) -> AccumulationAware:
     """Make a schedule count optimizer steps under Keras' own ``gradient_accumulation_steps``.
 
-    Keras increments ``optimizer.iterations`` on every micro-batch, so a schedule
-    with a 100-step warm-up finishes it after 100 / k real updates. This wrapper
-    evaluates ``schedule(iterations // k)`` instead; it saves and loads with the
-    model. Not needed with ``GradOptimizer``'s own ``accumulation_steps``.
+    Keras evaluates the learning-rate schedule on its micro-batch counter, so a
+    schedule with a 100-step warm-up finishes it after 100 / k real updates. This
+    wrapper evaluates ``schedule(micro_batches // k)`` instead, the optimizer step;
+    it saves and loads with the model. Not needed with ``GradOptimizer``'s own ``accumulation_steps``.
 
     Example:
         >>> import keras, gradtools.keras as gk

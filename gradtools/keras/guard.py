@@ -36,7 +36,7 @@ import numpy as np
 
 from gradtools import _checks
 from gradtools.guard import NonFiniteGradientError, StepDecider, TooManySkipsError
-from gradtools.keras.norms import _norms, count_nonfinite_entries
+from gradtools.keras.norms import _check_grads, _norms, count_nonfinite_entries
 from gradtools.policies import SpikeDetector
 from gradtools.runtime import import_keras
 
@@ -114,6 +114,8 @@ class GradGuard:
         self.decider.policy = None if clipper is None else clipper.policy
 
     action = property(lambda self: self.decider.action)
+    norm_type = property(lambda self: 2.0 if self.clipper is None else self.clipper.norm_type,
+                         doc="The p of the norms the guard measures: the clipper's, as in PyTorch (else 2).")
     steps = property(lambda self: self.decider.steps)
     skipped = property(lambda self: self.decider.skipped)
     consecutive_skips = property(lambda self: self.decider.consecutive_skips)
@@ -167,8 +169,8 @@ class GradGuard:
                              "jit_compile)")
         if names is not None:
             self._names = list(names)
-        grads = [tf.convert_to_tensor(g) for g in grads]
-        norms, total = _norms(grads)
+        grads = _check_grads(grads)
+        norms, total = _norms(grads, self.norm_type)
         # A finite global norm proves every entry finite: count only when it is not.
         counts = tf.cond(tf.math.is_finite(total), lambda: tf.zeros([len(grads)], tf.int64),
                          lambda: count_nonfinite_entries(grads))
@@ -177,7 +179,7 @@ class GradGuard:
         if self.decider.action == "zero":
             def zero_then_decide():
                 zeroed = [tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)) for g in grads]
-                t = _norms(zeroed)[1]
+                t = _norms(zeroed, self.norm_type)[1]
                 thr, ok = self._host(self._after_zeroing, [t])
                 return zeroed, thr, ok, t
 

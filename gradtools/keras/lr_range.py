@@ -37,6 +37,7 @@ class LRRangeTest(keras.callbacks.Callback):
 
     Example:
         >>> import keras, numpy as np, gradtools.keras as gk
+        >>> keras.utils.set_random_seed(0)
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
         >>> model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
         >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")

@@ -119,6 +119,7 @@ class GradientLogger(keras.callbacks.Callback):
 
     Example:
         >>> import keras, numpy as np, gradtools.keras as gk
+        >>> keras.utils.set_random_seed(0)
         >>> out = keras.layers.Dense(1, name="out")
         >>> model = keras.Sequential([keras.Input((3,)), out], name="net")
         >>> opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), clip=1.0)
@@ -198,6 +199,12 @@ class GradientLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.flush()
+        if logs is not None:
+            # evaluate() (validation_data, validation_split) reports every metric again as val_*;
+            # there are no validation gradients, so those copies of the training step's numbers go.
+            stats = set(GLOBAL_KEYS)
+            for key in [k for k in logs if k.startswith("val_") and (k[4:] in stats or k[4:].startswith("grad_norm"))]:
+                del logs[key]
         if self.per_layer and logs is not None:
             logs.update({f"grad_norm_mean/{k}": v for k, v in self.optimizer.epoch_layer_means().items()})
 

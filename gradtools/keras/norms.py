@@ -70,6 +70,8 @@ def count_nonfinite_entries(grads: list):
 
 
 def _check_grads(grads, arg="grads") -> list:
+    if tf.is_tensor(grads) or hasattr(grads, "__array__"):  # one tensor is one gradient
+        grads = [grads]
     if isinstance(grads, (str, bytes)) or not hasattr(grads, "__iter__"):
         raise TypeError(f"{arg} must be a list of gradient tensors, got {type(grads).__name__}")
     grads = list(grads)
@@ -82,16 +84,20 @@ def _check_grads(grads, arg="grads") -> list:
     return [tf.convert_to_tensor(g) for g in grads]
 
 
-def get_total_norm(tensors, norm_type: float = 2.0):
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False):
     """Norm of a list of tensors as if concatenated into one vector (0-d float32 tensor).
 
-    The twin of ``torch.nn.utils.get_total_norm``; an empty list gives 0.
+    The twin of ``torch.nn.utils.get_total_norm``; an empty list gives 0, and
+    ``error_if_nonfinite`` raises ``RuntimeError`` on a nan/inf norm (eagerly).
     """
     norm_type = _checks.norm_type("norm_type", norm_type)
-    tensors = [tensors] if tf.is_tensor(tensors) else list(tensors)
+    tensors = [tensors] if (tf.is_tensor(tensors) or hasattr(tensors, "__array__")) else list(tensors)
     if not tensors:
         return tf.constant(0.0)
-    return _norms(_check_grads(tensors, "tensors"), norm_type)[1]
+    total = _norms(_check_grads(tensors, "tensors"), norm_type)[1]
+    if error_if_nonfinite and not tf.math.is_finite(total):
+        raise RuntimeError(f"The total norm of order {norm_type} of `tensors` is non-finite ({float(total)})")
+    return total
 
 
 def grad_stats(grads, variables=None, norm_type: float = 2.0, count_nonfinite: bool = True) -> GradStats:

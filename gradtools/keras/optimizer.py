@@ -51,8 +51,10 @@ __all__ = ["GradOptimizer"]
 
 
 def _clip_config(clip):
-    if clip is None or isinstance(clip, (int, float, str)):
+    if clip is None or isinstance(clip, str):
         return clip
+    if _checks._is_real(clip):  # NumPy scalars too; a plain float in the saved config
+        return float(clip)
     if isinstance(clip, Policy):
         return policy_config(clip)
     raise TypeError(f"clip must be None, a positive number, a registered policy name or a Policy, got {clip!r}")
@@ -77,6 +79,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
     Example:
         >>> import keras, numpy as np, gradtools.keras as gk
+        >>> keras.utils.set_random_seed(0)
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
         >>> opt = gk.GradOptimizer(keras.optimizers.Adam(1e-2), clip="zclip")
         >>> model.compile(optimizer=opt, loss="mse", jit_compile=False)
@@ -287,22 +290,28 @@ class GradOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
     # ------------------------------------------------------------------ the step
-    def _apply_window(self, grads, trainable_variables):
-        check = self.guard.check(grads, self._var_names)
+    def _apply_window(self, grads, trainable_variables, index):
+        n = len(self._var_names)
+
+        def full(values):  # per-variable values of this step's subset, in the built order
+            values = ops.cast(values, "float32")
+            return values if index == list(range(n)) else tf.scatter_nd([[i] for i in index], values, [n])
+
+        check = self.guard.check(grads, [self._var_names[i] for i in index])
         self.norm_before.assign(check.total)
-        self.layer_norms.assign(check.norms)
-        self.nonfinite.assign(ops.cast(check.nonfinite, "float32"))
+        self.layer_norms.assign(full(check.norms))
+        self.nonfinite.assign(full(check.nonfinite))
         self.threshold.assign(check.threshold)
 
         def step():
             clipped, after = self.guard.clip(check)
             if self.agc is not None:
                 clipped = adaptive_clip_grad(clipped, trainable_variables, self.agc, self.agc_eps)[0]
-                after = _norms(clipped)[1]
+                after = _norms(clipped, self.guard.norm_type)[1]
             self.norm_after.assign(after)
             self.sum_norm.assign_add(ops.where(ops.isfinite(check.total), check.total, 0.0))
             self.applied_count.assign_add(1.0)
-            self.sum_layer_norms.assign_add(ops.where(ops.isfinite(check.norms), check.norms, 0.0))
+            self.sum_layer_norms.assign_add(full(ops.where(ops.isfinite(check.norms), check.norms, 0.0)))
             self.layer_applied_count.assign_add(1.0)
             self.sum_norm_after.assign_add(after)
             self.last_skipped.assign(0.0)
@@ -319,6 +328,13 @@ class GradOptimizer(keras.optimizers.Optimizer):
         self._record_step()
         return applied
 
+    def _index_of(self, variable) -> int:
+        try:
+            return self._get_variable_index(variable)
+        except KeyError:
+            raise ValueError(f"variable {variable.path!r} is not one this GradOptimizer was built with "
+                             f"({len(self._var_names)} variables): build a new optimizer for a new model") from None
+
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
@@ -326,7 +342,18 @@ class GradOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             self.build(trainable_variables)
             self.built = True
-        self.accumulator.add(list(grads), lambda window: self._apply_window(window, trainable_variables))
+        pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
+        if len(pairs) < len(trainable_variables):  # as Keras' own optimizers do: warn, drop, go on
+            missing = [v.path for g, v in zip(grads, trainable_variables) if g is None]
+            warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss; "
+                          "GradOptimizer leaves them out of the step and of the norms", UserWarning, stacklevel=2)
+        if not pairs:
+            return
+        grads = [g for g, _ in pairs]
+        variables = [v for _, v in pairs]
+        index = [self._index_of(v) for v in variables]
+        self._last_index = tuple(index)  # ints only: Keras would track a list of variables as the optimizer's
+        self.accumulator.add(grads, lambda window: self._apply_window(window, variables, index), index)
 
     def flush(self) -> bool:
         """Apply a partial accumulation window now (eagerly), e.g. at an epoch's end.
@@ -340,8 +367,9 @@ class GradOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             return False
-        variables = list(self._trainable_variables)
-        return self.accumulator.flush(lambda window: self._apply_window(window, variables))
+        index = list(getattr(self, "_last_index", range(len(self._var_names))))
+        variables = [self._trainable_variables[i] for i in index]
+        return self.accumulator.flush(lambda window: self._apply_window(window, variables, index))
 
     def apply_gradients(self, grads_and_vars):
         grads, variables = zip(*grads_and_vars)

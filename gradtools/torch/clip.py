@@ -3,7 +3,9 @@
 * :func:`clip_grad_norm_` and :func:`clip_grad_value_` take the same arguments,
   return the same values and have the same effect as their ``torch.nn.utils``
   namesakes, but reject bad thresholds with a clear error instead of silently
-  zeroing or NaN-ing every gradient.
+  zeroing or NaN-ing every gradient. Two deliberate differences: an empty list of
+  parameters raises (an exhausted generator is a bug, not a zero norm), and the
+  threshold must be a Python number, not a tensor.
 * :func:`adaptive_clip_grad_` is unit-wise adaptive gradient clipping (AGC,
   Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
   Normalization").
@@ -28,6 +30,16 @@ from gradtools.torch.norms import (
 )
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "adaptive_clip_grad_", "Clipper", "ClipResult"]
+
+
+def _once(parameters):
+    """A list of an iterable of parameters (``model.parameters()`` is a generator, read twice here)."""
+    if isinstance(parameters, (torch.nn.Module, torch.Tensor, list, tuple)):
+        return parameters
+    try:
+        return list(parameters)
+    except TypeError:
+        return parameters  # not iterable: _named_parameters raises the clear error
 
 
 def _grads_for_clip(parameters):
@@ -90,6 +102,7 @@ def clip_grad_norm_(
     """
     max_norm = _checks.positive("max_norm", max_norm)
     norm_type = _checks.norm_type("norm_type", norm_type)
+    parameters = _once(parameters)
     grads = _grads_for_clip(parameters)
     if not grads:
         return torch.tensor(0.0)
@@ -195,6 +208,7 @@ class Clipper(ClipperBase):
 
     def _measure(self, parameters, stats, norm):
         """``(parameters, stats, norm)``, measuring what the caller did not pass."""
+        parameters = _once(parameters)
         if stats is None or stats.norm_type != self.norm_type:
             stats, norm = grad_stats(parameters, self.norm_type, count_nonfinite=False), None
         # The policy needs the norm as a number: one host sync per step, inherent to
@@ -208,7 +222,7 @@ class Clipper(ClipperBase):
         This is what :class:`~gradtools.torch.guard.GradGuard` calls: its decider asks the policy (so that a
         skipped step never enters the policy's history), then the clipper rescales.
         """
-        _, stats, norm = self._measure(parameters, stats, norm)
+        parameters, stats, norm = self._measure(parameters, stats, norm)
         total = stats.total
         if norm <= threshold:
             return ClipResult(total, total, threshold, False)

@@ -7,7 +7,8 @@ stop loudly rather than spin.
 
 With a ``torch.amp.GradScaler`` pass it as ``scaler``: the guard unscales once,
 then checks, and lets the scaler own the step (an overflow under dynamic loss
-scaling is expected and only lowers the scale, so it is counted apart).
+scaling is expected and only lowers the scale, so it is counted apart, in
+``overflows``, and never raises ``TooManySkipsError``).
 
 A normal step reads one number from the device, the global norm: the guard, the
 spike detector and the clipping policy all decide on that float. Only a
@@ -122,7 +123,7 @@ class GradGuard:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.overflows += 1
-            self.decider.skip("overflow")
+            self.decider.overflow()
             return GuardResult(False, "overflow", stats)
         bad_count = int(stats.nonfinite.sum()) if first_bad is not None else 0
         decision = self.decider.decide(norm, first_bad, bad_count)

@@ -102,8 +102,9 @@ class Monitor:
 
         ``step`` and ``total_norm``; ``norms`` and ``nonfinite`` keyed by parameter name;
         with ``track_updates``, ``update_step`` and ``update_ratio`` by name. A parameter
-        that had no gradient on a sampled step (frozen, unused) shows ``nan`` there in
-        ``norms`` and ``None`` in ``nonfinite``.
+        that had no gradient on some sampled steps (frozen, unused) shows ``nan`` there in
+        ``norms`` and ``None`` in ``nonfinite``; one that never had a gradient on a
+        sampled step has no key.
         """
         recs = self._records
         out = {"step": [r[0] for r in recs], "total_norm": [float(r[2]) for r in recs],
