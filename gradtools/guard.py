@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gradtools import _checks
 from gradtools.policies import SpikeDetector, get_policy
 
-__all__ = ["StepDecider", "Decision", "NonFiniteGradientError", "TooManySkipsError", "ACTIONS"]
+__all__ = ["StepDecider", "Decision", "GuardBase", "NonFiniteGradientError", "TooManySkipsError", "ACTIONS"]
 
 ACTIONS = {"skip", "raise", "zero"}
 
@@ -134,3 +134,40 @@ class StepDecider:
         # whose PyTorch guard did not hold it) leaves the policy's own state as it is.
         if self.policy is not None and "policy" in state_dict:
             self.policy.load_state_dict(state_dict["policy"])
+
+
+class GuardBase:
+    """What both backends' ``GradGuard`` share: a decider fed the clipper's policy, and the counters.
+
+    The backends add the measuring, zeroing, clipping and stepping.
+    """
+
+    def __init__(self, action: str, spike, max_consecutive_skips: int, clipper, kind: str):
+        self.decider = StepDecider(action, spike, max_consecutive_skips, kind=kind)
+        self.clipper = clipper  # feeds its policy to the decider
+
+    @property
+    def clipper(self):
+        """The clipper applied after the check (``gradtools.torch.Clipper`` or ``gradtools.keras.Clipper``), or None."""
+        return self._clipper
+
+    @clipper.setter
+    def clipper(self, clipper):
+        if clipper is not None and not hasattr(clipper, "clip_to"):
+            raise TypeError(f"clipper must be a gradtools Clipper or None, got {type(clipper).__name__}")
+        self._clipper = clipper
+        self.decider.policy = None if clipper is None else clipper.policy
+
+    action = property(lambda self: self.decider.action)
+    norm_type = property(lambda self: 2.0 if self.clipper is None else self.clipper.norm_type,
+                         doc="The p of the norms the guard measures: the clipper's (else 2).")
+    steps = property(lambda self: self.decider.steps)
+    skipped = property(lambda self: self.decider.skipped)
+    consecutive_skips = property(lambda self: self.decider.consecutive_skips)
+
+    def state_dict(self) -> dict:
+        """Counters, spike window and the policy's running state (plain Python values)."""
+        return self.decider.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.decider.load_state_dict(state_dict)

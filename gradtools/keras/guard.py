@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradtools import _checks
-from gradtools.guard import NonFiniteGradientError, StepDecider, TooManySkipsError
+from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.keras.norms import _check_grads, _norms, count_nonfinite_entries
 from gradtools.policies import SpikeDetector
 from gradtools.runtime import import_keras
@@ -75,7 +75,7 @@ class GuardCheck:
     checked_total: object
 
 
-class GradGuard:
+class GradGuard(GuardBase):
     """Guard an optimizer step against non-finite or spiking gradients, in the graph.
 
     Args:
@@ -95,37 +95,10 @@ class GradGuard:
         if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"optimizer must be a keras.optimizers.Optimizer or None, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.decider = StepDecider(action, spike, max_consecutive_skips, kind="variable")
-        self.clipper = clipper
+        super().__init__(action, spike, max_consecutive_skips, clipper, kind="variable")
         #: The guard's last error as Python raised it (inside fit() it arrives wrapped).
         self.last_error = None
         self._names: list = []
-
-    @property
-    def clipper(self):
-        """The :class:`~gradtools.keras.clip.Clipper` applied after the check, or None."""
-        return self._clipper
-
-    @clipper.setter
-    def clipper(self, clipper):
-        if clipper is not None and not hasattr(clipper, "clip_to"):
-            raise TypeError(f"clipper must be a gradtools.keras.Clipper or None, got {type(clipper).__name__}")
-        self._clipper = clipper
-        self.decider.policy = None if clipper is None else clipper.policy
-
-    action = property(lambda self: self.decider.action)
-    norm_type = property(lambda self: 2.0 if self.clipper is None else self.clipper.norm_type,
-                         doc="The p of the norms the guard measures: the clipper's, as in PyTorch (else 2).")
-    steps = property(lambda self: self.decider.steps)
-    skipped = property(lambda self: self.decider.skipped)
-    consecutive_skips = property(lambda self: self.decider.consecutive_skips)
-
-    def state_dict(self) -> dict:
-        """Counters, spike window and the policy's running state (plain Python values)."""
-        return self.decider.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.decider.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ host side, once per step
     def _decide(self, total, counts):

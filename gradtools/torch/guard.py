@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradtools import _checks
-from gradtools.guard import NonFiniteGradientError, StepDecider, TooManySkipsError
+from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.policies import SpikeDetector
 from gradtools.torch.norms import GradStats, count_nonfinite_entries, named_grads, stats_of
 
@@ -37,7 +37,7 @@ class GuardResult:
     stats: GradStats = field(repr=False)
 
 
-class GradGuard:
+class GradGuard(GuardBase):
     """Guard ``optimizer.step()`` against non-finite or spiking gradients.
 
     The decision itself is :class:`gradtools.guard.StepDecider`'s, shared with
@@ -76,27 +76,9 @@ class GradGuard:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
-        self.decider = StepDecider(action, spike, max_consecutive_skips)
+        super().__init__(action, spike, max_consecutive_skips, clipper, kind="parameter")
         self.scaler = scaler
-        self.clipper = clipper  # feeds its policy to the decider
         self.overflows = 0
-
-    @property
-    def clipper(self):
-        """The :class:`~gradtools.torch.clip.Clipper` applied after the check, or None."""
-        return self._clipper
-
-    @clipper.setter
-    def clipper(self, clipper):
-        if clipper is not None and not hasattr(clipper, "clip_to"):
-            raise TypeError(f"clipper must be a gradtools.torch.Clipper or None, got {type(clipper).__name__}")
-        self._clipper = clipper
-        self.decider.policy = None if clipper is None else clipper.policy
-
-    # Counters live in the shared decider.
-    steps = property(lambda self: self.decider.steps)
-    skipped = property(lambda self: self.decider.skipped)
-    consecutive_skips = property(lambda self: self.decider.consecutive_skips)
 
     def state_dict(self) -> dict:
         return {**self.decider.state_dict(), "overflows": self.overflows}
@@ -111,7 +93,7 @@ class GradGuard:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         names, grads = named_grads(self.model, "model")
-        norm_type = self.clipper.norm_type if self.clipper is not None else 2.0
+        norm_type = self.norm_type
         stats = stats_of(names, grads, norm_type, count_nonfinite=False)
         norm = float(stats.total)  # the one host read of a normal step
         first_bad = None
