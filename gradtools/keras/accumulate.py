@@ -40,6 +40,8 @@ class GradientAccumulator:
         self.accumulation_steps = _checks.integer("accumulation_steps", accumulation_steps, minimum=1)
         self.sums: list = []
         self.micro_step = None
+        #: Positions, among the built variables, of the gradients of the current window.
+        self.index: tuple = ()
 
     def build(self, optimizer, var_list) -> None:
         """Create the state as ``optimizer``'s variables (saved with it)."""
@@ -47,6 +49,7 @@ class GradientAccumulator:
                                                  name="micro_step")
         self.sums = ([optimizer.add_variable_from_reference(v, name="accumulator") for v in var_list]
                      if self.accumulation_steps > 1 else [])
+        self.index = tuple(range(len(var_list)))
 
     def add(self, grads, apply_window, index=None):
         """Add one micro-batch; at the window's end call ``apply_window(mean gradients)``.
@@ -63,7 +66,7 @@ class GradientAccumulator:
         for i, g in zip(index, grads):
             self.sums[i].assign_add(tf.cast(g, self.sums[i].dtype))
         self.micro_step.assign_add(1)
-        self._index = tuple(index)
+        self.index = tuple(index)
 
         def boundary():
             self._close(self.accumulation_steps, apply_window)
@@ -78,8 +81,7 @@ class GradientAccumulator:
         return int(self.micro_step.numpy()) % self.accumulation_steps
 
     def _close(self, count, apply_window):
-        index = getattr(self, "_index", range(len(self.sums)))
-        apply_window([tf.convert_to_tensor(self.sums[i]) / float(count) for i in index])
+        apply_window([tf.convert_to_tensor(self.sums[i]) / float(count) for i in self.index])
         for acc in self.sums:
             acc.assign(tf.zeros_like(acc))
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradtools import _checks
 from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
+from gradtools.keras.clip import clip_grads_with_norm
 from gradtools.keras.norms import _check_grads, _norms, count_nonfinite_entries
 from gradtools.policies import SpikeDetector
 from gradtools.runtime import import_keras
@@ -165,8 +165,8 @@ class GradGuard(GuardBase):
         total = check.checked_total
         if self.clipper is None:
             return check.grads, total
-        coef = tf.minimum(1.0, check.threshold / (total + 1e-6))
-        return [g * tf.cast(coef, g.dtype) for g in check.grads], total * coef  # the norm scales linearly
+        after = total * tf.minimum(1.0, check.threshold / (total + 1e-6))  # the norm scales linearly
+        return clip_grads_with_norm(check.grads, check.threshold, total), after
 
     def apply(self, grads, variables):
         """Check, clip and apply with ``self.optimizer``, or skip; returns a boolean tensor (stepped)."""

@@ -352,7 +352,6 @@ class GradOptimizer(keras.optimizers.Optimizer):
         grads = [g for g, _ in pairs]
         variables = [v for _, v in pairs]
         index = [self._index_of(v) for v in variables]
-        self._last_index = tuple(index)  # ints only: Keras would track a list of variables as the optimizer's
         self.accumulator.add(grads, lambda window: self._apply_window(window, variables, index), index)
 
     def flush(self) -> bool:
@@ -367,7 +366,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             return False
-        index = list(getattr(self, "_last_index", range(len(self._var_names))))
+        index = list(self.accumulator.index)  # the variables of the window it holds
         variables = [self._trainable_variables[i] for i in index]
         return self.accumulator.flush(lambda window: self._apply_window(window, variables, index))
 

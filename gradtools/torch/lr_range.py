@@ -15,33 +15,25 @@ from gradtools.lr_range import LRRangeResult, RangeSweep
 __all__ = ["lr_range_test", "LRRangeResult"]
 
 
-_END = object()
-
-
-def _batch_source(batches):
-    """A function returning the next batch, restarting a re-iterable, or _END."""
+def _stream(batches):
+    """The batches one at a time; a re-iterable (list, DataLoader) starts again when it runs out."""
     try:
         it = iter(batches)
     except TypeError:
         raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}") from None
     reiterable = it is not batches
-    state = {"it": it, "drawn": 0}
-
-    def draw():
-        for attempt in range(2):
-            try:
-                batch = next(state["it"])
-                state["drawn"] += 1
-                return batch
-            except StopIteration:
-                if state["drawn"] == 0:
-                    raise ValueError("batches is empty: the range test needs at least one batch") from None
-                if not reiterable or attempt:
-                    return _END
-                state["it"] = iter(batches)
-        return _END
-
-    return draw
+    total = 0
+    while True:
+        drawn = 0
+        for batch in it:
+            drawn += 1
+            yield batch
+        total += drawn
+        if total == 0:
+            raise ValueError("batches is empty: the range test needs at least one batch")
+        if drawn == 0 or not reiterable:
+            return
+        it = iter(batches)
 
 
 def lr_range_test(model, optimizer, loss_fn, batches, start_lr: float = 1e-7, end_lr: float = 10.0,
@@ -72,16 +64,13 @@ def lr_range_test(model, optimizer, loss_fn, batches, start_lr: float = 1e-7, en
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     sweep = RangeSweep(start_lr, end_lr, num_steps, beta, diverge_factor)
-    draw = _batch_source(batches)
+    stream = _stream(batches)
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(optimizer.state_dict())
     was_training = model.training
     try:
         model.train()
-        for i in range(num_steps):
-            batch = draw()
-            if batch is _END:
-                break
+        for i, batch in zip(range(num_steps), stream):
             for group in optimizer.param_groups:
                 group["lr"] = sweep.lr(i)
             optimizer.zero_grad(set_to_none=True)
