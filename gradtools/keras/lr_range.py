@@ -70,10 +70,10 @@ class LRRangeTest(keras.callbacks.Callback):
         if isinstance(opt.learning_rate, keras.optimizers.schedules.LearningRateSchedule) or not hasattr(
                 opt.learning_rate, "assign"):
             raise ValueError("LRRangeTest needs an optimizer with a constant learning rate, not a schedule")
-        spe = getattr(self.model, "steps_per_execution", 1)
-        if int(getattr(spe, "numpy", lambda: spe)()) != 1:
+        spe = int(keras.ops.convert_to_numpy(getattr(self.model, "steps_per_execution", 1)))
+        if spe != 1:
             raise ValueError(f"LRRangeTest sets the rate before every batch: compile with steps_per_execution=1, "
-                             f"got {int(getattr(spe, 'numpy', lambda: spe)())}")
+                             f"got {spe}")
         tracker = getattr(self.model, "_loss_tracker", None)
         if tracker is None or not hasattr(tracker, "total"):
             raise RuntimeError("LRRangeTest reads each batch's loss from the model's loss tracker, which this "
