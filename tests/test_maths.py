@@ -26,6 +26,30 @@ def test_momentum_thresholds(beta):
     assert nag < maths.stability_threshold(eig.max())  # below plain GD's bound
 
 
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)])
+@pytest.mark.parametrize("lr", [0.05, 0.13, 0.19, 0.25, 0.4])
+def test_quadratic_diverges_agrees_with_the_iterates(momentum, nesterov, lr):
+    # quadratic_diverges jumps to the last iterate by repeated squaring; the verdict
+    # must be the one the step-by-step trajectory gives.
+    A, _ = data.random_quadratic(dim=5, condition=10.0, seed=3)
+    A = A * (10.0 / np.linalg.eigvalsh(A).max())
+    x0 = np.random.default_rng(0).standard_normal(5)
+    for steps in (0, 1, 7, 300):
+        end = maths.gd_quadratic(A, x0, lr, steps, momentum, nesterov)[-1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            expected = not np.isfinite(np.linalg.norm(end)) or np.linalg.norm(end) > np.linalg.norm(x0)
+        assert maths.quadratic_diverges(A, lr, momentum, nesterov, steps=steps) == expected
+
+
+def test_quadratic_diverges_bad_input():
+    with pytest.raises(ValueError, match="steps"):
+        maths.quadratic_diverges(np.eye(2), 0.1, steps=-1)
+    with pytest.raises(ValueError, match="momentum"):
+        maths.quadratic_diverges(np.eye(2), 0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="A"):
+        maths.quadratic_diverges(np.ones((2, 3)), 0.1)
+
+
 def test_bisect_needs_a_bracket():
     with pytest.raises(ValueError, match="low=1.0 must converge and high=2.0 must diverge"):
         maths.bisect_threshold(lambda lr: True, 1.0, 2.0)
