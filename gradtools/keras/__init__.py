@@ -3,7 +3,7 @@
 Importing this module imports Keras quietly and changes nothing global (see
 :mod:`gradtools.runtime`). The modules mirror :mod:`gradtools.torch` one for one:
 ``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``, ``lr_range``,
-``sharpness``, ``models`` and ``toys``; shared names mean the same thing in both.
+``sharpness``, ``models``, ``toys``, ``optim`` and ``schedules``; shared names mean the same thing in both.
 Where PyTorch changes gradients in place (``clip_grad_norm_``), Keras returns them
 (``clip_grad_norm``), since Keras gradients are values. The Keras idiom adds
 :class:`GradOptimizer`, which composes the guard, a clipper, AGC and accumulation
@@ -30,7 +30,9 @@ from gradtools.keras.lr_range import LRRangeResult, LRRangeTest  # noqa: E402
 from gradtools.keras.models import loss_gradients, mlp, train_full_batch  # noqa: E402
 from gradtools.keras.monitor import GradientLogger, GradientStats  # noqa: E402
 from gradtools.keras.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios  # noqa: E402
+from gradtools.keras.optim import make_optimizer, train, update_sizes  # noqa: E402
 from gradtools.keras.optimizer import GradOptimizer  # noqa: E402
+from gradtools.keras.schedules import OneCycle, Warmup, learning_rates  # noqa: E402
 from gradtools.keras.sharpness import hessian_vector_product, top_hessian_eigenvalue  # noqa: E402
 from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic  # noqa: E402
 
@@ -39,6 +41,6 @@ __all__ = [
     "GradientLogger", "GradientStats", "GuardCheck", "LRRangeResult", "LRRangeTest", "NonFiniteGradientError",
     "TooManySkipsError", "accumulation_aware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
     "clip_grad_value", "clip_grads_with_norm", "compare_clipping", "get_total_norm", "grad_stats",
-    "hessian_vector_product", "loss_gradients", "mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot",
-    "top_hessian_eigenvalue", "train_full_batch", "update_ratios",
+    "hessian_vector_product", "learning_rates", "loss_gradients", "make_optimizer", "mlp", "OneCycle", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot",
+    "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
 ]

@@ -1,7 +1,8 @@
 """gradtools for PyTorch: norms, clipping, guards, accumulation, LR range test, sharpness.
 
 The modules (``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``,
-``lr_range``, ``sharpness``, ``models``, ``toys``) have twins of the same names in
+``lr_range``, ``sharpness``, ``models``, ``toys``, ``optim``,
+``schedules``) have twins of the same names in
 :mod:`gradtools.keras`, and the public names match wherever the concept is shared.
 """
 
@@ -18,6 +19,8 @@ from gradtools.torch.guard import GradGuard, GuardResult, NonFiniteGradientError
 from gradtools.torch.lr_range import LRRangeResult, lr_range_test
 from gradtools.torch.models import mlp, train_full_batch
 from gradtools.torch.monitor import Monitor
+from gradtools.torch.optim import make_optimizer, train, update_sizes
+from gradtools.torch.schedules import Warmup, learning_rates
 from gradtools.torch.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios
 from gradtools.torch.sharpness import hessian_vector_product, top_hessian_eigenvalue
 from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic, sharpness_during_gd
@@ -26,5 +29,5 @@ __all__ = [
     "Accumulator", "activation_gradients", "ClipResult", "Clipper", "GradGuard", "GradStats", "GuardResult", "LRRangeResult",
     "Monitor", "NonFiniteGradientError", "TooManySkipsError", "adaptive_clip_grad_", "clip_grad_norm_",
     "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "grad_stats", "hessian_vector_product",
-    "lr_range_test", "mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "sharpness_during_gd", "snapshot", "top_hessian_eigenvalue", "train_full_batch", "update_ratios",
+    "learning_rates", "lr_range_test", "make_optimizer", "mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "sharpness_during_gd", "snapshot", "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
 ]

@@ -1,0 +1,130 @@
+"""Optimisers for Keras under the shared settings; update sizes; a traced training run.
+
+The twins of :mod:`gradtools.torch.optim`: :func:`make_optimizer` gives the
+update rule ``gradtools.torch.make_optimizer`` gives under the same name,
+:func:`update_sizes` and :func:`train` measure the same quantities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradtools import _checks
+from gradtools.keras.models import _loss
+from gradtools.keras.norms import get_total_norm
+from gradtools.optim import TrainTrace, settings
+from gradtools.runtime import import_keras
+
+keras = import_keras()
+import tensorflow as tf  # noqa: E402
+
+__all__ = ["make_optimizer", "update_sizes", "train"]
+
+
+def make_optimizer(name: str, lr, **overrides):
+    """A Keras optimiser by name, with the book's shared settings (see :mod:`gradtools.optim`).
+
+    Args:
+        name (str): ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adagrad"``,
+            ``"rmsprop"``, ``"adam"``, ``"adamw"`` or ``"nadam"``.
+        lr (float or LearningRateSchedule): the learning rate.
+        **overrides: settings to change, named as in ``gradtools.optim.SETTINGS``.
+
+    Example:
+        >>> import gradtools.keras as gk
+        >>> opt = gk.make_optimizer("rmsprop", 0.01)
+        >>> opt.rho, opt.epsilon  # epsilon inside the root: eps ** 2
+        (0.99, 1e-16)
+    """
+    s = settings(name, overrides)
+    if not callable(lr):
+        lr = _checks.positive("lr", lr)
+    opts = keras.optimizers
+    if name in ("sgd", "momentum", "nesterov"):
+        return opts.SGD(lr, momentum=s.get("momentum", 0.0), nesterov=name == "nesterov")
+    if name == "adagrad":
+        # Keras divides by sqrt(v + epsilon), PyTorch by sqrt(v) + eps: eps ** 2 inside the
+        # root keeps the two within a factor sqrt(2) of each other when sqrt(v) is near eps,
+        # and equal elsewhere.
+        return opts.Adagrad(lr, initial_accumulator_value=s["initial_accumulator_value"], epsilon=s["eps"] ** 2)
+    if name == "rmsprop":
+        return opts.RMSprop(lr, rho=s["rho"], epsilon=s["eps"] ** 2)
+    kwargs = {"beta_1": s["beta_1"], "beta_2": s["beta_2"], "epsilon": s["eps"]}
+    if name == "adam":
+        return opts.Adam(lr, **kwargs)
+    if name == "adamw":
+        return opts.AdamW(lr, weight_decay=s["weight_decay"], **kwargs)
+    if s["momentum_decay"] != 1.0:
+        raise ValueError(f"Keras' Nadam ramps its momentum as 0.96**t (momentum_decay 1.0) and has no "
+                         f"setting for it, got momentum_decay={s['momentum_decay']!r}")
+    return opts.Nadam(lr, **kwargs)
+
+
+def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **overrides) -> np.ndarray:
+    """``||Δw||`` at each step when optimiser ``name`` is fed ``grads`` (shape (steps, dim)).
+
+    The twin of ``gradtools.torch.update_sizes``; the steps run in one ``tf.function``.
+    """
+    grads = np.asarray(grads, dtype=np.float32)
+    if grads.ndim != 2:
+        raise ValueError(f"grads must have shape (steps, dim), got {grads.shape}")
+    w = tf.Variable(tf.zeros(grads.shape[1]))
+    opt = make_optimizer(name, lr, **overrides)
+    opt.build([w])
+
+    @tf.function
+    def run(gs):
+        sizes = tf.TensorArray(tf.float32, size=gs.shape[0])
+        for i in tf.range(gs.shape[0]):
+            g = gs[i] / tf.norm(gs[i]) if normalize else gs[i]
+            before = tf.identity(w)
+            opt.apply([g], [w])
+            sizes = sizes.write(i, tf.norm(w - before))
+        return sizes.stack()
+
+    return run(tf.constant(grads)).numpy().astype(np.float64)
+
+
+def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int | None = None,
+          spike_factor: float = 1000.0, normalize: bool = False) -> TrainTrace:
+    """Full-batch training, step by step, with an optional gradient spike: the twin of ``gradtools.torch.train``.
+
+    A learning-rate schedule goes into the optimizer (``learning_rate=schedule``),
+    the Keras way; each step's rate is read from it. The step is one compiled
+    ``tf.function``; the spike factor is passed in as a tensor, so the spike
+    step runs the same graph.
+
+    Returns:
+        :class:`gradtools.optim.TrainTrace`.
+    """
+    steps = _checks.integer("steps", steps, minimum=1)
+    if spike_at is not None:
+        spike_at = _checks.integer("spike_at", spike_at, minimum=0)
+    spike_factor = _checks.positive("spike_factor", spike_factor)
+    fn = _loss(loss)
+    xt, yt = tf.constant(x), tf.constant(y)
+    variables = model.trainable_variables
+    optimizer.build(variables)
+
+    @tf.function
+    def step(factor):
+        with tf.GradientTape() as tape:
+            value = fn(yt, model(xt, training=True))
+        grads = [g * factor for g in tape.gradient(value, variables)]
+        norm = get_total_norm(grads)
+        if normalize:
+            grads = [g / norm for g in grads]
+        before = [tf.identity(v) for v in variables]
+        lr = tf.identity(optimizer.learning_rate)
+        optimizer.apply(grads, variables)
+        update = get_total_norm([v - b for v, b in zip(variables, before)])
+        return value, norm, update, lr
+
+    rows = [step(tf.constant(spike_factor if s == spike_at else 1.0)) for s in range(steps)]
+    trace = TrainTrace()
+    for value, norm, update, lr in rows:
+        trace.losses.append(float(value))
+        trace.grad_norms.append(float(norm))
+        trace.update_norms.append(float(update))
+        trace.lrs.append(float(lr))
+    return trace

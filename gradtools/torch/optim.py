@@ -1,0 +1,140 @@
+"""Optimisers for PyTorch under the shared settings; update sizes; a traced training run.
+
+* :func:`make_optimizer`: ``torch.optim`` optimisers by name with the settings of
+  :data:`gradtools.optim.SETTINGS` (the same update rule as ``gradtools.keras.make_optimizer``).
+* :func:`update_sizes`: the step each optimiser takes for a given gradient sequence.
+* :func:`train`: full-batch training that records loss, gradient norm, update size
+  and learning rate per step, can inject a gradient spike, and can normalise the
+  gradient (normalised gradient descent).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradtools import _checks
+from gradtools.optim import TrainTrace, settings
+from gradtools.torch.models import _loss_fn
+from gradtools.torch.norms import get_total_norm
+
+__all__ = ["make_optimizer", "update_sizes", "train"]
+
+
+def make_optimizer(name: str, params, lr: float, **overrides) -> torch.optim.Optimizer:
+    """A ``torch.optim`` optimiser by name, with the book's shared settings.
+
+    Args:
+        name (str): one of ``gradtools.optim.OPTIMIZER_NAMES``: ``"sgd"``,
+            ``"momentum"``, ``"nesterov"``, ``"adagrad"``, ``"rmsprop"``,
+            ``"adam"``, ``"adamw"``, ``"nadam"``.
+        params: the parameters (``model.parameters()``).
+        lr (float): the learning rate.
+        **overrides: settings to change, named as in ``gradtools.optim.SETTINGS``
+            (``beta_2=0.99``, ``eps=1e-3``, ...).
+
+    Example:
+        >>> import torch, gradtools.torch as gt
+        >>> opt = gt.make_optimizer("adam", [torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        >>> opt.defaults["eps"], opt.defaults["betas"]
+        (1e-08, (0.9, 0.999))
+    """
+    s = settings(name, overrides)
+    lr = _checks.positive("lr", lr)
+    params = list(params)
+    if name in ("sgd", "momentum", "nesterov"):
+        return torch.optim.SGD(params, lr=lr, momentum=s.get("momentum", 0.0), nesterov=name == "nesterov")
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=s["initial_accumulator_value"],
+                                   eps=s["eps"])
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=s["rho"], eps=s["eps"])
+    betas = (s["beta_1"], s["beta_2"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=s["eps"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=s["eps"], weight_decay=s["weight_decay"])
+    return torch.optim.NAdam(params, lr=lr, betas=betas, eps=s["eps"], momentum_decay=s["momentum_decay"])
+
+
+def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **overrides) -> np.ndarray:
+    """``||Δw||`` at each step when optimiser ``name`` is fed the gradients ``grads``.
+
+    The parameter starts at zero; ``grads`` is an array of shape (steps, dim),
+    e.g. from :func:`gradtools.optim.spike_gradients`. ``normalize`` divides each
+    gradient by its norm first (normalised gradient descent with ``"sgd"``).
+    Returns a float64 array of length ``steps``.
+    """
+    grads = torch.as_tensor(np.asarray(grads, dtype=np.float32))
+    if grads.ndim != 2:
+        raise ValueError(f"grads must have shape (steps, dim), got {tuple(grads.shape)}")
+    w = torch.nn.Parameter(torch.zeros(grads.shape[1]))
+    opt = make_optimizer(name, [w], lr, **overrides)
+    sizes = []
+    for g in grads:
+        before = w.detach().clone()
+        w.grad = g / g.norm() if normalize else g.clone()
+        opt.step()
+        sizes.append((w.detach() - before).norm())
+    return torch.stack(sizes).double().numpy()
+
+
+def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None, spike_at: int | None = None,
+          spike_factor: float = 1000.0, normalize: bool = False) -> TrainTrace:
+    """Full-batch training, step by step, with an optional gradient spike.
+
+    Each step computes the loss on ``(x, y)``, backpropagates, multiplies every
+    gradient by ``spike_factor`` at step ``spike_at`` (a stand-in for one bad
+    batch), divides the gradient by its global norm if ``normalize``, steps the
+    optimizer and then ``scheduler``. Training goes on after the loss turns
+    non-finite, so a trace shows what really happens.
+
+    Args:
+        model (torch.nn.Module): the model; trained in place.
+        optimizer (torch.optim.Optimizer): over ``model.parameters()``.
+        x, y: the whole training set (arrays or tensors).
+        steps (int): optimizer steps.
+        loss (str): ``"mse"`` or ``"crossentropy"`` (integer labels, logits).
+        scheduler: an ``LRScheduler`` on ``optimizer``, stepped after every step.
+        spike_at (int or None): the step whose gradient is multiplied.
+        spike_factor (float): the multiplier, default 1000.
+        normalize (bool): normalised gradient descent (``g / ||g||``).
+
+    Returns:
+        :class:`gradtools.optim.TrainTrace`; the per-step values stay on the
+        device until the end of the run.
+    """
+    steps = _checks.integer("steps", steps, minimum=1)
+    if spike_at is not None:
+        spike_at = _checks.integer("spike_at", spike_at, minimum=0)
+    spike_factor = _checks.positive("spike_factor", spike_factor)
+    fn = _loss_fn(loss)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        value = fn(model(xt), yt)
+        value.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        with torch.no_grad():
+            if step == spike_at:
+                torch._foreach_mul_(grads, spike_factor)
+            norm = get_total_norm(grads)
+            if normalize:
+                torch._foreach_div_(grads, norm)
+            before = torch._foreach_mul(params, 1.0)
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        with torch.no_grad():
+            update = get_total_norm(torch._foreach_sub(params, before))
+        rows.append((value.detach(), norm, update, lr))
+        if scheduler is not None:
+            scheduler.step()
+    trace = TrainTrace()
+    for value, norm, update, lr in rows:
+        trace.losses.append(float(value))
+        trace.grad_norms.append(float(norm))
+        trace.update_norms.append(float(update))
+        trace.lrs.append(lr)
+    return trace
