@@ -6,8 +6,13 @@ row on short source lines (no 300-character f-string) and renders it as a
 Markdown table in JupyterLab and in the HTML book, with a plain-text form that
 nbval compares.
 
+:func:`outcome` runs a snippet and says how it ended, in one line, for a
+chapter that shows what a source article's code really does.
+
 Example:
-    >>> from gradtools.report import claims_table
+    >>> from gradtools.report import claims_table, outcome
+    >>> outcome(lambda: int("ten"))
+    "ValueError: invalid literal for int() with base 10: 'ten'"
     >>> t = claims_table([("GD is stable", "bisection", "2/λmax", "fails")])
     >>> print(t)
     claim: GD is stable | experiment: bisection | measured: 2/λmax | verdict: fails
@@ -15,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ClaimsTable", "claims_table"]
+__all__ = ["ClaimsTable", "claims_table", "outcome"]
 
 COLUMNS = ("claim", "experiment", "measured", "verdict")
 
@@ -71,3 +76,20 @@ def claims_table(rows, columns=COLUMNS) -> ClaimsTable:
         A :class:`ClaimsTable`, which Jupyter and the book render as a table.
     """
     return ClaimsTable(rows, columns)
+
+
+def outcome(fn, width: int = 76) -> str:
+    """Call ``fn()`` and say how it ended: ``"ran"``, or the exception's type and first line.
+
+    For showing which error a program raises without a traceback in the
+    book (no paths, no noise). The line is cut to ``width`` characters.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    try:
+        fn()
+    except Exception as exc:  # the point is to report any error
+        first = (str(exc).splitlines() or [""])[0]
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        return text if len(text) <= width else text[: width - 3] + "..."
+    return "ran"
