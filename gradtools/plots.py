@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = ["PALETTE", "loss_curves", "gradient_flow", "norm_history", "lr_range_curve", "quadratic_trajectory",
-           "update_ratios", "sharpness_curve", "gradient_through_time", "loss_surface"]
+           "update_ratios", "sharpness_curve", "lr_schedules", "gradient_through_time", "loss_surface"]
 
 #: Colours used everywhere in the book.
 PALETTE = {
@@ -158,6 +158,14 @@ def lr_range_curve(lrs, losses, suggested_lr=None, title: str = "Learning-rate r
         ax.axvline(suggested_lr, color=PALETTE["threshold"], ls="--", label=f"suggested lr = {suggested_lr:.2g}")
     ax.set_xscale("log")
     return _finish(fig, ax, "learning rate (log scale)", "loss", title)
+
+
+def lr_schedules(rates: dict, title: str = "Learning-rate schedules") -> Figure:
+    """Learning rate against step, one line per schedule (label -> rates), linear axes."""
+    fig, ax = _figure()
+    for i, (label, values) in enumerate(rates.items()):
+        ax.plot(np.arange(len(values)), np.asarray(values, dtype=float), label=label, color=_color(label, i))
+    return _finish(fig, ax, "step", "learning rate", title)
 
 
 def quadratic_trajectory(A, trajectory, lr: float, title: str | None = None) -> Figure:
