@@ -35,7 +35,8 @@ def make_optimizer(name: str, params, lr: float, **overrides) -> torch.optim.Opt
 
     Example:
         >>> import torch, gradtools.torch as gt
-        >>> opt = gt.make_optimizer("adam", [torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = gt.make_optimizer("adam", [w], lr=0.1)
         >>> opt.defaults["eps"], opt.defaults["betas"]
         (1e-08, (0.9, 0.999))
     """
