@@ -65,16 +65,16 @@ def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **
 
     The twin of ``gradtools.torch.update_sizes``; the steps run in one ``tf.function``.
     """
-    grads = np.asarray(grads, dtype=np.float32)
+    grads = np.asarray(grads, dtype=np.float64)  # float64, as in PyTorch's twin
     if grads.ndim != 2:
         raise ValueError(f"grads must have shape (steps, dim), got {grads.shape}")
-    w = tf.Variable(tf.zeros(grads.shape[1]))
+    w = tf.Variable(tf.zeros(grads.shape[1], dtype=tf.float64))
     opt = make_optimizer(name, lr, **overrides)
     opt.build([w])
 
     @tf.function
     def run(gs):
-        sizes = tf.TensorArray(tf.float32, size=gs.shape[0])
+        sizes = tf.TensorArray(tf.float64, size=gs.shape[0])
         for i in tf.range(gs.shape[0]):
             g = gs[i] / tf.norm(gs[i]) if normalize else gs[i]
             before = tf.identity(w)
@@ -82,7 +82,7 @@ def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **
             sizes = sizes.write(i, tf.norm(w - before))
         return sizes.stack()
 
-    return run(tf.constant(grads)).numpy().astype(np.float64)
+    return run(tf.constant(grads)).numpy()
 
 
 def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int | None = None,

@@ -61,15 +61,16 @@ def make_optimizer(name: str, params, lr: float, **overrides) -> torch.optim.Opt
 def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **overrides) -> np.ndarray:
     """``||Δw||`` at each step when optimiser ``name`` is fed the gradients ``grads``.
 
-    The parameter starts at zero; ``grads`` is an array of shape (steps, dim),
-    e.g. from :func:`gradtools.optim.spike_gradients`. ``normalize`` divides each
+    The parameter (float64) starts at zero; ``grads`` is an array of shape
+    (steps, dim), e.g. from :func:`gradtools.optim.spike_gradients`. ``normalize`` divides each
     gradient by its norm first (normalised gradient descent with ``"sgd"``).
     Returns a float64 array of length ``steps``.
     """
-    grads = torch.as_tensor(np.asarray(grads, dtype=np.float32))
+    # float64, so that ||w_after - w_before|| keeps its digits once ||w|| >> ||Δw||.
+    grads = torch.as_tensor(np.asarray(grads, dtype=np.float64))
     if grads.ndim != 2:
         raise ValueError(f"grads must have shape (steps, dim), got {tuple(grads.shape)}")
-    w = torch.nn.Parameter(torch.zeros(grads.shape[1]))
+    w = torch.nn.Parameter(torch.zeros(grads.shape[1], dtype=torch.float64))
     opt = make_optimizer(name, [w], lr, **overrides)
     sizes = []
     for g in grads:
@@ -77,7 +78,7 @@ def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **
         w.grad = g / g.norm() if normalize else g.clone()
         opt.step()
         sizes.append((w.detach() - before).norm())
-    return torch.stack(sizes).double().numpy()
+    return torch.stack(sizes).numpy()
 
 
 def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None, spike_at: int | None = None,
