@@ -1,24 +1,34 @@
 """Optimisers side by side, framework-free: shared settings, spikes, traces.
 
-PyTorch and Keras ship the same optimisers with different defaults, and two
-of them put epsilon in a different place:
+PyTorch and Keras ship the same optimisers with different defaults, and some
+of them compute the update in a different order:
 
-============  =========================================  ==========================================
-optimiser     PyTorch default                            Keras default
-============  =========================================  ==========================================
-Adam          ``eps=1e-8``                               ``epsilon=1e-7``
-RMSprop       ``alpha=0.99``, ``g / (sqrt(v) + eps)``    ``rho=0.9``, ``g / sqrt(v + epsilon)``
-Adagrad       ``initial_accumulator_value=0``,           ``initial_accumulator_value=0.1``,
-              ``eps=1e-10`` outside the root             ``epsilon=1e-7`` inside the root
-AdamW         ``weight_decay=0.01``                      ``weight_decay=0.004``
-Nadam         momentum ramp ``0.96 ** (0.004 t)``        momentum ramp ``0.96 ** t`` (fixed)
-============  =========================================  ==========================================
+* Adam: ``eps=1e-8`` in PyTorch, ``epsilon=1e-7`` in Keras. PyTorch adds it to
+  ``sqrt(v_hat)``, Keras to ``sqrt(v)`` before the bias correction, so in the
+  first ~``1 / (1 - beta_2)`` steps Keras' acts up to ``1 / sqrt(1 - beta_2 ** t)``
+  times larger (it matters only for gradients below about 1e-6).
+* AdamW: the same, and ``weight_decay=0.01`` against ``0.004``.
+* RMSprop: ``alpha=0.99`` against ``rho=0.9``; PyTorch divides by
+  ``sqrt(v) + eps``, Keras by ``sqrt(v + epsilon)``.
+* Adagrad: ``initial_accumulator_value`` 0 against 0.1; ``eps=1e-10`` outside
+  the root against ``epsilon=1e-7`` inside it.
+* Nadam: PyTorch ramps the momentum as ``0.96 ** (0.004 t)`` (Dozat, 2016),
+  Keras as ``0.96 ** t``, with no setting to change it.
+* SGD with momentum: PyTorch keeps the rate outside the velocity
+  (``b = beta b + g``, ``w -= lr b``), Keras inside it (``v = beta v - lr g``,
+  ``w += v``). At a constant rate the two are the same; after the rate changes,
+  Keras' velocity still carries the old rate for about ``1 / (1 - beta)`` steps.
 
 :data:`SETTINGS` fixes one value for each, and ``make_optimizer`` in both
 backends passes it explicitly, so the same name means the same update rule:
 where Keras puts epsilon inside the square root it receives ``eps ** 2``, so
 both divide by about ``max(sqrt(v), eps)``; PyTorch's NAdam gets
-``momentum_decay=1.0``, Keras' fixed ramp.
+``momentum_decay=1.0``, Keras' fixed ramp. Two differences remain, because
+neither framework has a setting for them: momentum under a *changing* rate, and
+Adam's epsilon in its first ~1000 steps for gradients below about 1e-6. At a
+constant rate and ordinary gradient sizes the two frameworks' updates agree to
+float32 precision.
+
 :func:`spike_gradients` draws a gradient sequence with one spike;
 :class:`TrainTrace` is what the backends' ``train`` returns.
 
@@ -64,13 +74,25 @@ def check_name(name) -> str:
     return _checks.choice("name", name, set(SETTINGS))
 
 
+_CHECKS = {
+    "momentum": lambda k, v: _checks.in_range(k, v, 0.0, 1.0, high_open=True),
+    "beta_1": lambda k, v: _checks.in_range(k, v, 0.0, 1.0, high_open=True),
+    "beta_2": lambda k, v: _checks.in_range(k, v, 0.0, 1.0, high_open=True),
+    "rho": lambda k, v: _checks.in_range(k, v, 0.0, 1.0, high_open=True),
+    "eps": _checks.positive,
+    "weight_decay": _checks.non_negative,
+    "initial_accumulator_value": _checks.non_negative,
+    "momentum_decay": _checks.positive,
+}
+
+
 def settings(name: str, overrides: dict) -> dict:
-    """:data:`SETTINGS` for ``name`` with ``overrides`` applied; unknown keys are refused."""
+    """:data:`SETTINGS` for ``name`` with ``overrides`` applied and checked; unknown keys are refused."""
     base = dict(SETTINGS[check_name(name)])
     unknown = set(overrides) - set(base)
     if unknown:
         raise ValueError(f"{name} takes {sorted(base) or 'no settings'} besides lr, got {sorted(unknown)}")
-    base.update(overrides)
+    base.update({key: _CHECKS[key](key, value) for key, value in overrides.items()})
     return base
 
 

@@ -86,6 +86,9 @@ def outcome(fn, width: int = 76) -> str:
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    from gradtools import _checks
+
+    width = _checks.integer("width", width, minimum=8)
     try:
         fn()
     except Exception as exc:  # the point is to report any error

@@ -12,6 +12,7 @@ import gradtools.torch as gt
 from gradtools.data import digits
 from gradtools.models import init_mlp
 from gradtools.optim import OPTIMIZER_NAMES, adam_step_bound, spike_gradients
+from gradtools.report import outcome
 from gradtools.schedules import one_cycle, warmup_factor
 
 import keras  # noqa: E402  (after gradtools.keras, which imports it quietly)
@@ -221,3 +222,135 @@ def test_training_goes_on_after_the_loss_turns_non_finite():
         gt.train(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 2, spike_factor=0)
     with pytest.raises(ValueError, match="spike_at must be an int >= 0, got -1"):
         gk.train(gk.mlp(weights), gk.make_optimizer("sgd", 0.1), x, y, 2, spike_at=-1)
+
+
+# ---------------------------------------------------------------- new-user trial
+
+def test_keras_learning_rates_steps_one_call_at_a_time():
+    cosine = keras.optimizers.schedules.CosineDecay(0.0, 100, warmup_target=0.1, warmup_steps=10)
+    np.testing.assert_allclose(gk.learning_rates(cosine, 12), [float(cosine(i)) for i in range(12)], rtol=1e-6)
+
+    def halving(step):  # a plain function with a Python branch on the step
+        return 0.1 if int(step) < 3 else 0.05
+
+    np.testing.assert_allclose(gk.learning_rates(halving, 5), [0.1, 0.1, 0.1, 0.05, 0.05], rtol=1e-6)
+
+
+def test_keras_warmup_hands_the_inner_schedule_an_integer_step():
+    big = 2 ** 24
+    piecewise = keras.optimizers.schedules.PiecewiseConstantDecay([big], [0.1, 0.01])
+    assert float(gk.Warmup(piecewise, 0)(big + 1)) == pytest.approx(0.01)
+    table = keras.ops.convert_to_tensor([0.3, 0.2, 0.1])
+
+    def lookup(step):
+        return keras.ops.take(table, step)
+
+    np.testing.assert_allclose(gk.learning_rates(gk.Warmup(lookup, 2), 3), [0.15, 0.2, 0.1], rtol=1e-6)
+
+
+def test_torch_warmup_alone_leaves_the_rate_to_a_plateau_scheduler_stepped_alongside():
+    def rates(make_warmup):
+        opt = _opt(0.1)
+        warm = make_warmup(opt)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+        out = []
+        for _ in range(7):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            warm.step()
+            plateau.step(1.0)  # a loss that never improves: halve every step
+        return out
+
+    ours = rates(lambda o: gt.Warmup(o, 3))
+    torchs = rates(lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1 / 3, total_iters=2))
+    np.testing.assert_allclose(ours, torchs, rtol=1e-12)
+    assert ours[-1] < 0.01  # the plateau's halvings are kept
+
+
+def test_keras_train_builds_an_unbuilt_model_and_skips_unused_variables():
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    y = x.sum(1, keepdims=True)
+    unbuilt = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(1)])
+    trace = gk.train(unbuilt, gk.make_optimizer("sgd", 0.1), x, y, 3)
+    assert min(trace.update_norms) > 0 and trace.losses[2] < trace.losses[0]
+
+    inp = keras.Input((3,))
+    used, unused = keras.layers.Dense(1, name="used"), keras.layers.Dense(1, name="unused")
+    two_heads = keras.Model(inp, used(inp))
+    unused(inp)  # built, trainable, never in the loss
+    two_heads.unused = unused
+    trace = gk.train(two_heads, gk.make_optimizer("adam", 0.01), x, y, 3)
+    assert min(trace.update_norms) > 0
+
+    double = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, dtype="float64")])
+    trace = gk.train(double, gk.make_optimizer("sgd", 0.1), x.astype("float64"), y.astype("float64"), 3,
+                     spike_at=1, normalize=True)
+    np.testing.assert_allclose(trace.update_norms, 0.1, rtol=1e-6)
+
+
+def test_train_refuses_what_it_cannot_do_naming_it():
+    x, y = np.ones((4, 3), "float32"), np.ones((4, 1), "float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    with pytest.raises(TypeError, match="optimizer must be a keras.optimizers.Optimizer, got str"):
+        gk.train(model, "adam", x, y, 2)
+    with pytest.raises(TypeError, match="does not scale the loss"):
+        gk.train(model, keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)), x, y, 2)
+    tm = gt.mlp(init_mlp([3, 1]))
+    with pytest.raises(TypeError, match="closure"):
+        gt.train(tm, torch.optim.LBFGS(tm.parameters()), x, y, 2)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got str"):
+        gt.train(tm, "sgd", x, y, 2)
+
+
+def test_torch_train_takes_float64_arrays_like_keras():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 3)), rng.normal(size=(16, 1))  # float64, as NumPy makes them
+    weights = init_mlp([3, 4, 1], seed=0)
+    m64, m32 = gt.mlp(weights), gt.mlp(weights)
+    a = gt.train(m64, torch.optim.SGD(m64.parameters(), lr=0.1), x, y, 3)
+    b = gt.train(m32, torch.optim.SGD(m32.parameters(), lr=0.1), x.astype("float32"), y.astype("float32"), 3)
+    assert a.losses == b.losses
+
+
+def test_optimizer_settings_are_validated_naming_the_setting():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match=r"beta_1 must be in \[0.0, 1.0\), got 1.5"):
+        gk.make_optimizer("adam", 0.1, beta_1=1.5)
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got -1e-08"):
+        gk.make_optimizer("rmsprop", 0.1, eps=-1e-8)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got -1"):
+        gt.make_optimizer("adamw", p, 0.1, weight_decay=-1)
+    with pytest.raises(TypeError, match="eps must be a real number, got '1e-8'"):
+        gt.make_optimizer("adam", p, 0.1, eps="1e-8")
+
+
+def test_keras_momentum_carries_the_old_rate_after_a_rate_change():
+    # Documented in gradtools.optim: the same rule at a constant rate, not right after a change.
+    opt_t = gt.make_optimizer("momentum", [torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))], 0.1)
+    w = opt_t.param_groups[0]["params"][0]
+    torch_steps, keras_steps = [], []
+    for i in range(12):
+        opt_t.param_groups[0]["lr"] = 0.1 if i < 6 else 0.01
+        before = w.detach().clone()
+        w.grad = torch.ones(1, dtype=torch.float64)
+        opt_t.step()
+        torch_steps.append(float((w.detach() - before).abs()))
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([5], [0.1, 0.01])  # steps 0-5 at 0.1
+    keras_steps = []
+    v = keras.Variable(np.zeros(1))
+    opt_k = gk.make_optimizer("momentum", schedule)
+    opt_k.build([v])
+    for i in range(12):
+        before = float(v.numpy()[0])
+        opt_k.apply([keras.ops.ones(1, dtype="float64")], [v])
+        keras_steps.append(abs(float(v.numpy()[0]) - before))
+    np.testing.assert_allclose(keras_steps[:6], torch_steps[:6], rtol=1e-6)
+    assert keras_steps[6] > 5 * torch_steps[6]  # Keras' velocity still holds lr 0.1
+
+
+def test_outcome_reports_in_one_line_within_its_width():
+    assert outcome(lambda: None) == "ran"
+    text = outcome(lambda: 1 / 0, width=10)
+    assert len(text) == 10 and text.startswith("ZeroDiv")
+    with pytest.raises(TypeError, match="width must be an int"):
+        outcome(lambda: None, width="x")

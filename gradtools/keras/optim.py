@@ -33,8 +33,8 @@ def make_optimizer(name: str, lr, **overrides):
     Example:
         >>> import gradtools.keras as gk
         >>> opt = gk.make_optimizer("rmsprop", 0.01)
-        >>> opt.rho, opt.epsilon  # epsilon inside the root: eps ** 2
-        (0.99, 1e-16)
+        >>> opt.rho, opt.epsilon == 1e-8 ** 2  # epsilon inside the root: eps ** 2
+        (0.99, True)
     """
     s = settings(name, overrides)
     if not callable(lr):
@@ -89,35 +89,54 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
           spike_factor: float = 1000.0, normalize: bool = False) -> TrainTrace:
     """Full-batch training, step by step, with an optional gradient spike: the twin of ``gradtools.torch.train``.
 
-    A learning-rate schedule goes into the optimizer (``learning_rate=schedule``),
+    Unlike ``gradtools.torch.train`` there is no ``scheduler`` argument: a
+    learning-rate schedule goes into the optimizer (``learning_rate=schedule``),
     the Keras way; each step's rate is read from it. The step is one compiled
     ``tf.function``; the spike factor is passed in as a tensor, so the spike
-    step runs the same graph.
+    step runs the same graph. An unbuilt model is built on ``x``; variables the
+    loss does not reach get no gradient and are left out, as in ``fit()``. The
+    loss is not scaled, so a ``LossScaleOptimizer`` is refused: pass the
+    optimizer it wraps.
 
     Returns:
         :class:`gradtools.optim.TrainTrace`.
     """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(f"optimizer must be a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise TypeError("train does not scale the loss: pass the optimizer a LossScaleOptimizer wraps "
+                        "(optimizer.inner_optimizer), not the wrapper")
     steps = _checks.integer("steps", steps, minimum=1)
     if spike_at is not None:
         spike_at = _checks.integer("spike_at", spike_at, minimum=0)
     spike_factor = _checks.positive("spike_factor", spike_factor)
     fn = _loss(loss)
     xt, yt = tf.constant(x), tf.constant(y)
+    if not model.built:
+        model(xt[:1])
     variables = model.trainable_variables
+    if not variables:
+        raise ValueError("model has no trainable variables")
     optimizer.build(variables)
 
     @tf.function
     def step(factor):
         with tf.GradientTape() as tape:
             value = fn(yt, model(xt, training=True))
-        grads = [g * factor for g in tape.gradient(value, variables)]
+        pairs = [(g, v) for g, v in zip(tape.gradient(value, variables), variables) if g is not None]
+        if not pairs:
+            raise ValueError("the loss reaches none of the model's trainable variables")
+        grads = [g * tf.cast(factor, g.dtype) for g, _ in pairs]
+        used = [v for _, v in pairs]
         norm = get_total_norm(grads)
         if normalize:
-            grads = [g / norm for g in grads]
-        before = [tf.identity(v) for v in variables]
+            grads = [g / tf.cast(norm, g.dtype) for g in grads]
+        before = [tf.identity(v) for v in used]
         lr = tf.identity(optimizer.learning_rate)
-        optimizer.apply(grads, variables)
-        update = get_total_norm([v - b for v, b in zip(variables, before)])
+        optimizer.apply(grads, used)
+        update = get_total_norm([v - b for v, b in zip(used, before)])
         return value, norm, update, lr
 
     rows = [step(tf.constant(spike_factor if s == spike_at else 1.0)) for s in range(steps)]

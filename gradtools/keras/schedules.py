@@ -29,7 +29,8 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
 
     Args:
         schedule (float or LearningRateSchedule): the rate or schedule to warm up.
-        warmup_steps (int): steps of linear warm-up; 0 turns it off.
+        warmup_steps (int): steps of linear warm-up; 0 or 1 means none (step 0
+            already runs at ``1 / warmup_steps`` of the rate).
 
     Example:
         >>> import keras, gradtools.keras as gk
@@ -47,9 +48,10 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_steps = check_warmup_steps(warmup_steps)
 
     def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
+        # The inner schedule gets the step as Keras gives it (an integer), the factor a float.
         base = self.schedule(step) if callable(self.schedule) else self.schedule
-        return warmup_factor(step, self.warmup_steps, xp=keras.ops) * base
+        factor = warmup_factor(keras.ops.cast(step, "float32"), self.warmup_steps, xp=keras.ops)
+        return factor * keras.ops.cast(base, "float32")
 
     def get_config(self):
         schedule = self.schedule
@@ -64,7 +66,10 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
     Only the learning rate cycles; PyTorch's ``cycle_momentum`` (which also
     cycles momentum or Adam's beta_1) has no Keras counterpart here, so compare
-    with ``OneCycleLR(..., cycle_momentum=False)``.
+    with ``OneCycleLR(..., cycle_momentum=False)``. Two choices differ from
+    PyTorch's: past ``total_steps`` the last rate is kept (PyTorch raises), and
+    a ``pct_start`` that leaves a phase under one step is refused (PyTorch
+    accepts it and divides by a negative phase length).
 
     Args:
         max_lr (float): the peak rate.
@@ -100,10 +105,12 @@ def learning_rates(schedule, steps: int) -> np.ndarray:
 
     Keras evaluates the schedule at ``optimizer.iterations``, the 0-based
     step, so this is the sequence ``gradtools.torch.learning_rates`` gives for
-    the equivalent PyTorch scheduler.
+    the equivalent PyTorch scheduler. Each step is one call with a scalar
+    integer step, as the optimizer makes it (schedules with a Python ``if`` on
+    the step work too).
     """
     if not callable(schedule):
         raise TypeError(f"schedule must be a LearningRateSchedule or callable, got {type(schedule).__name__}")
     steps = _checks.integer("steps", steps, minimum=1)
-    values = schedule(keras.ops.arange(steps, dtype="int64"))
-    return np.asarray(keras.ops.convert_to_numpy(values), dtype=np.float64).reshape(-1)
+    return np.array([float(keras.ops.convert_to_numpy(schedule(keras.ops.convert_to_tensor(i, "int64"))))
+                     for i in range(steps)])

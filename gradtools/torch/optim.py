@@ -106,13 +106,25 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         :class:`gradtools.optim.TrainTrace`; the per-step values stay on the
         device until the end of the run.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError("optimizer must step without a closure; LBFGS re-evaluates the loss itself, "
+                        "which would bypass the spike and the normalisation")
     steps = _checks.integer("steps", steps, minimum=1)
     if spike_at is not None:
         spike_at = _checks.integer("spike_at", spike_at, minimum=0)
     spike_factor = _checks.positive("spike_factor", spike_factor)
     fn = _loss_fn(loss)
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    # Floating data takes the model's dtype (float64 NumPy arrays into a float32
+    # model, as Keras does); integer labels stay integers.
+    xt, yt = (torch.as_tensor(a) for a in (x, y))
+    xt, yt = (a.to(params[0].dtype) if a.is_floating_point() else a for a in (xt, yt))
     rows = []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)

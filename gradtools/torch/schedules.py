@@ -24,16 +24,22 @@ __all__ = ["Warmup", "learning_rates"]
 class Warmup(LRScheduler):
     """Linear warm-up in front of any scheduler: ``lr_t = min(1, (t + 1) / warmup_steps) * inner_t``.
 
-    ``inner_t`` is the rate ``after`` would set at step ``t`` on its own (or the
-    optimizer's initial rate when ``after`` is None). The inner scheduler keeps
-    its own rates: before stepping it, ``Warmup`` gives the optimizer back the
-    inner rates, so recursive schedulers such as ``ExponentialLR`` see their own
-    values, not the warmed-up ones. Call ``step()`` once per optimizer step and
-    do not step ``after`` yourself. ``state_dict()`` holds the inner scheduler's.
+    ``inner_t`` is the rate ``after`` would set at step ``t`` on its own. The
+    inner scheduler keeps its own rates: before stepping it, ``Warmup`` gives
+    the optimizer back the inner rates, so recursive schedulers such as
+    ``ExponentialLR`` see their own values, not the warmed-up ones. Call
+    ``step()`` once per optimizer step and do not step ``after`` yourself.
+    ``state_dict()`` holds the inner scheduler's.
+
+    Without ``after``, the warm-up is chainable, like ``LinearLR``: each step
+    multiplies the current rate by ``factor(t) / factor(t - 1)``, so the
+    optimizer's rate is ramped up to and then left alone, and a
+    ``ReduceLROnPlateau`` (or any change you make) stepped alongside keeps working.
 
     Args:
         optimizer (torch.optim.Optimizer): the optimizer ``after`` schedules.
-        warmup_steps (int): steps of linear warm-up; 0 turns it off.
+        warmup_steps (int): steps of linear warm-up; 0 or 1 means none (step 0
+            already runs at ``1 / warmup_steps`` of the rate).
         after (LRScheduler or None): the schedule to warm up, built on
             ``optimizer`` just before this one. ``ReduceLROnPlateau`` is refused
             (its step takes a metric).
@@ -61,12 +67,17 @@ class Warmup(LRScheduler):
         self.after = after
         super().__init__(optimizer, last_epoch)
 
-    def _inner_lrs(self) -> list:
-        return list(self.after.get_last_lr()) if self.after is not None else list(self.base_lrs)
+    def _factor(self, step: int) -> float:
+        return float(warmup_factor(step, self.warmup_steps))
 
     def get_lr(self) -> list:
-        factor = float(warmup_factor(self.last_epoch, self.warmup_steps))
-        return [factor * lr for lr in self._inner_lrs()]
+        factor = self._factor(self.last_epoch)
+        if self.after is not None:
+            return [factor * lr for lr in self.after.get_last_lr()]
+        if self._is_initial:
+            return [factor * lr for lr in self.base_lrs]
+        ratio = factor / self._factor(self.last_epoch - 1)
+        return [group["lr"] * ratio for group in self.optimizer.param_groups]
 
     def step(self, epoch=None) -> None:  # noqa: D102 (LRScheduler.step)
         if epoch is not None:
