@@ -51,7 +51,7 @@ import numpy as np
 from gradtools import _checks
 
 __all__ = ["SETTINGS", "OPTIMIZER_NAMES", "check_name", "settings", "spike_gradients", "adam_step_bound",
-           "TrainTrace"]
+           "check_run", "TrainTrace"]
 
 #: The hyperparameters both backends pass explicitly, per optimiser name.
 SETTINGS = {
@@ -123,6 +123,14 @@ def adam_step_bound(beta_1: float = 0.9, beta_2: float = 0.999) -> float:
     return (1 - beta_1) / math.sqrt(1 - beta_2)
 
 
+def check_run(steps, spike_at, spike_factor):
+    """The run arguments of the backends' ``train``, validated: ``(steps, spike_at, spike_factor)``."""
+    steps = _checks.integer("steps", steps, minimum=1)
+    if spike_at is not None:
+        spike_at = _checks.integer("spike_at", spike_at, minimum=0)
+    return steps, spike_at, _checks.positive("spike_factor", spike_factor)
+
+
 @dataclass
 class TrainTrace:
     """One training run, step by step (lists of floats, index = step).
@@ -137,6 +145,17 @@ class TrainTrace:
     grad_norms: list = field(default_factory=list)
     update_norms: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
+
+    @classmethod
+    def from_rows(cls, rows) -> "TrainTrace":
+        """A trace from per-step ``(loss, grad_norm, update_norm, lr)`` rows of device scalars."""
+        trace = cls()
+        for loss, norm, update, lr in rows:
+            trace.losses.append(float(loss))
+            trace.grad_norms.append(float(norm))
+            trace.update_norms.append(float(update))
+            trace.lrs.append(float(lr))
+        return trace
 
     @property
     def diverged_at(self) -> int | None:

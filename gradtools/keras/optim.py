@@ -12,7 +12,7 @@ import numpy as np
 from gradtools import _checks
 from gradtools.keras.models import _loss
 from gradtools.keras.norms import get_total_norm
-from gradtools.optim import TrainTrace, settings
+from gradtools.optim import TrainTrace, check_run, settings
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -108,10 +108,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         raise TypeError("train does not scale the loss: pass the optimizer a LossScaleOptimizer wraps "
                         "(optimizer.inner_optimizer), not the wrapper")
-    steps = _checks.integer("steps", steps, minimum=1)
-    if spike_at is not None:
-        spike_at = _checks.integer("spike_at", spike_at, minimum=0)
-    spike_factor = _checks.positive("spike_factor", spike_factor)
+    steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
     fn = _loss(loss)
     xt, yt = tf.constant(x), tf.constant(y)
     if not model.built:
@@ -140,10 +137,4 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
         return value, norm, update, lr
 
     rows = [step(tf.constant(spike_factor if s == spike_at else 1.0)) for s in range(steps)]
-    trace = TrainTrace()
-    for value, norm, update, lr in rows:
-        trace.losses.append(float(value))
-        trace.grad_norms.append(float(norm))
-        trace.update_norms.append(float(update))
-        trace.lrs.append(float(lr))
-    return trace
+    return TrainTrace.from_rows(rows)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gradtools import _checks
-from gradtools.optim import TrainTrace, settings
+from gradtools.optim import TrainTrace, check_run, settings
 from gradtools.torch.models import _loss_fn
 from gradtools.torch.norms import get_total_norm
 
@@ -113,10 +113,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
     if isinstance(optimizer, torch.optim.LBFGS):
         raise TypeError("optimizer must step without a closure; LBFGS re-evaluates the loss itself, "
                         "which would bypass the spike and the normalisation")
-    steps = _checks.integer("steps", steps, minimum=1)
-    if spike_at is not None:
-        spike_at = _checks.integer("spike_at", spike_at, minimum=0)
-    spike_factor = _checks.positive("spike_factor", spike_factor)
+    steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
     fn = _loss_fn(loss)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -145,10 +142,4 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         rows.append((value.detach(), norm, update, lr))
         if scheduler is not None:
             scheduler.step()
-    trace = TrainTrace()
-    for value, norm, update, lr in rows:
-        trace.losses.append(float(value))
-        trace.grad_norms.append(float(norm))
-        trace.update_norms.append(float(update))
-        trace.lrs.append(lr)
-    return trace
+    return TrainTrace.from_rows(rows)
