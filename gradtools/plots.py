@@ -96,6 +96,7 @@ def loss_curves(curves: dict, title: str = "Training loss", logy: bool = True, b
             ax.annotate(f"non-finite at step {d}", (d, y), textcoords="offset points",
                         xytext=(8, 0) if early else (-8, 0), ha="left" if early else "right",
                         va="center", color=color, fontsize=8)
+    ax.set_xlim(-0.02 * n_steps, 1.02 * (n_steps - 1))  # the whole run, even where every curve diverged early
     return _finish(fig, ax, "step", "loss" + (" (log scale)" if logy else ""), title, logy)
 
 
@@ -150,12 +151,18 @@ def norm_history(norms, threshold=None, clipped=None, skipped=None, title: str =
     return _finish(fig, ax, "step", "global gradient norm (log scale)", title, logy=True)
 
 
-def lr_range_curve(lrs, losses, suggested_lr=None, title: str = "Learning-rate range test") -> Figure:
-    """Smoothed loss against learning rate (log x) with the suggested rate marked."""
+def lr_range_curve(lrs, losses, suggested_lr=None, title: str = "Learning-rate range test",
+                   boundary=None) -> Figure:
+    """Smoothed loss against learning rate (log x) with the suggested rate marked.
+
+    ``boundary``: a stability boundary to mark as well, e.g. ``2 / lambda_max``.
+    """
     fig, ax = _figure()
     ax.plot(lrs, losses, color=PALETTE["torch"], label="smoothed loss")
     if suggested_lr is not None:
         ax.axvline(suggested_lr, color=PALETTE["threshold"], ls="--", label=f"suggested lr = {suggested_lr:.2g}")
+    if boundary is not None:
+        ax.axvline(boundary, color=PALETTE["boundary"], ls=":", lw=2, label=f"2/λmax = {boundary:.2g}")
     ax.set_xscale("log")
     return _finish(fig, ax, "learning rate (log scale)", "loss", title)
 
