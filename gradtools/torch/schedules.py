@@ -97,9 +97,8 @@ class Warmup(LRScheduler):
         state = dict(state_dict)
         inner = state.pop("after", None)
         if (inner is None) != (self.after is None):
-            raise ValueError("state_dict was saved from a Warmup with"
-                             f"{'out' if inner is None else ''} an inner scheduler; this one has"
-                             f"{'' if self.after is not None else ' none'}")
+            saved, here = ("without", "has one") if inner is None else ("with", "has none")
+            raise ValueError(f"state_dict was saved from a Warmup {saved} an inner scheduler, but this one {here}")
         if inner is not None:
             self.after.load_state_dict(inner)
         super().load_state_dict(state)
