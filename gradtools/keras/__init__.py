@@ -37,10 +37,11 @@ from gradtools.keras.sharpness import hessian_vector_product, top_hessian_eigenv
 from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic  # noqa: E402
 
 __all__ = [
-    "AccumulationAware", "ClipResult", "Clipper", "GradGuard", "GradOptimizer", "GradStats", "GradientAccumulator",
-    "GradientLogger", "GradientStats", "GuardCheck", "LRRangeResult", "LRRangeTest", "NonFiniteGradientError",
-    "TooManySkipsError", "accumulation_aware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
-    "clip_grad_value", "clip_grads_with_norm", "compare_clipping", "get_total_norm", "grad_stats",
-    "hessian_vector_product", "learning_rates", "loss_gradients", "make_optimizer", "mlp", "OneCycle", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot",
-    "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
+    "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
+    "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping", "get_total_norm",
+    "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger", "GradientStats", "GradOptimizer",
+    "GradStats", "GuardCheck", "hessian_vector_product", "learning_rates", "loss_gradients", "LRRangeResult",
+    "LRRangeTest", "make_optimizer", "mlp", "NonFiniteGradientError", "OneCycle", "rnn", "rnn_input_gradients",
+    "sgd_on_quadratic", "snapshot", "TooManySkipsError", "top_hessian_eigenvalue", "train", "train_full_batch",
+    "update_ratios", "update_sizes", "Warmup"
 ]

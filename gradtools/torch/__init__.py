@@ -26,8 +26,10 @@ from gradtools.torch.sharpness import hessian_vector_product, top_hessian_eigenv
 from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic, sharpness_during_gd
 
 __all__ = [
-    "Accumulator", "activation_gradients", "ClipResult", "Clipper", "GradGuard", "GradStats", "GuardResult", "LRRangeResult",
-    "Monitor", "NonFiniteGradientError", "TooManySkipsError", "adaptive_clip_grad_", "clip_grad_norm_",
-    "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm", "grad_stats", "hessian_vector_product",
-    "learning_rates", "lr_range_test", "make_optimizer", "mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "sharpness_during_gd", "snapshot", "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
+    "Accumulator", "activation_gradients", "adaptive_clip_grad_", "clip_grad_norm_", "clip_grad_value_",
+    "clip_grads_with_norm_", "Clipper", "ClipResult", "get_total_norm", "grad_stats", "GradGuard", "GradStats",
+    "GuardResult", "hessian_vector_product", "learning_rates", "lr_range_test", "LRRangeResult", "make_optimizer",
+    "mlp", "Monitor", "NonFiniteGradientError", "rnn", "rnn_input_gradients", "sgd_on_quadratic",
+    "sharpness_during_gd", "snapshot", "TooManySkipsError", "top_hessian_eigenvalue", "train", "train_full_batch",
+    "update_ratios", "update_sizes", "Warmup"
 ]
