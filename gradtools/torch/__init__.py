@@ -19,9 +19,9 @@ from gradtools.torch.guard import GradGuard, GuardResult, NonFiniteGradientError
 from gradtools.torch.lr_range import LRRangeResult, lr_range_test
 from gradtools.torch.models import mlp, train_full_batch
 from gradtools.torch.monitor import Monitor
+from gradtools.torch.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios
 from gradtools.torch.optim import make_optimizer, train, update_sizes
 from gradtools.torch.schedules import Warmup, learning_rates
-from gradtools.torch.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios
 from gradtools.torch.sharpness import hessian_vector_product, top_hessian_eigenvalue
 from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic, sharpness_during_gd
 
