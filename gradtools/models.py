@@ -12,13 +12,17 @@ import numpy as np
 
 from gradtools import _checks
 
-__all__ = ["init_mlp", "init_rnn", "INITS"]
+__all__ = ["init_mlp", "init_residual_mlp", "init_rnn", "INITS", "NORMS"]
+
+#: Normalisation layers the model builders accept (``norm=``), or None for none.
+NORMS = ("batch", "layer")
 
 #: Standard deviation of each initialisation as a function of (fan_in, fan_out).
 INITS = {
     "normal": lambda fan_in, fan_out: 1.0,  # N(0, 1): the classic way to explode
     "xavier": lambda fan_in, fan_out: np.sqrt(2.0 / (fan_in + fan_out)),  # Glorot & Bengio, 2010
     "he": lambda fan_in, fan_out: np.sqrt(2.0 / fan_in),  # He et al., 2015
+    "lecun": lambda fan_in, fan_out: np.sqrt(1.0 / fan_in),  # LeCun et al., 1998: gain g gives std g / sqrt(fan_in)
 }
 
 
@@ -27,7 +31,8 @@ def init_mlp(sizes, init: str = "he", seed: int = 0, gain: float = 1.0):
 
     Args:
         sizes (sequence of int): e.g. ``[64, 128, 128, 10]``.
-        init (str): ``"he"`` (default), ``"xavier"`` or ``"normal"`` (N(0, 1)).
+        init (str): ``"he"`` (default), ``"xavier"``, ``"lecun"`` or ``"normal"``
+            (N(0, 1)).
         seed (int): NumPy seed.
         gain (float): multiplies every standard deviation (gain > 1 pushes
             towards explosion, < 1 towards vanishing).
@@ -47,6 +52,33 @@ def init_mlp(sizes, init: str = "he", seed: int = 0, gain: float = 1.0):
         std = gain * INITS[init](fan_in, fan_out)
         kernel = (std * rng.standard_normal((fan_in, fan_out))).astype(np.float32)
         weights.append((kernel, np.zeros(fan_out, dtype=np.float32)))
+    return weights
+
+
+def init_residual_mlp(in_features: int, width: int, blocks: int, out_features: int, init: str = "he",
+                      seed: int = 0, gain: float = 1.0, branch_scale: float = 1.0):
+    """Weights of a residual MLP: a stem, ``blocks`` square layers, a head.
+
+    The same list of ``(kernel, bias)`` pairs as :func:`init_mlp` with sizes
+    ``[in_features] + [width] * (blocks + 1) + [out_features]`` and the same seed,
+    except that the ``blocks`` square kernels (the residual branches) are
+    multiplied by ``branch_scale``. So ``gradtools.torch.mlp`` and
+    ``gradtools.torch.residual_mlp`` built from one list are the same network with
+    and without the skip connections. ``branch_scale = blocks ** -0.5`` is the
+    down-scaled branch of Fixup (Zhang et al., 2019) for one-layer branches.
+
+    Example:
+        >>> w = init_residual_mlp(8, 16, blocks=4, out_features=2, branch_scale=0.5)
+        >>> [k.shape for k, _ in w][:2], len(w)
+        ([(8, 16), (16, 16)], 6)
+    """
+    blocks = _checks.integer("blocks", blocks, minimum=1)
+    branch_scale = _checks.non_negative("branch_scale", branch_scale)
+    sizes = [in_features] + [width] * (blocks + 1) + [out_features]
+    weights = init_mlp(sizes, init=init, seed=seed, gain=gain)
+    for i in range(1, blocks + 1):
+        kernel, bias = weights[i]
+        weights[i] = ((kernel * np.float32(branch_scale)).astype(np.float32), bias)
     return weights
 
 

@@ -138,23 +138,27 @@ class TrainTrace:
     ``losses``: the loss before each step; ``grad_norms``: the global gradient
     norm the optimiser received (after any injected spike, before normalising);
     ``update_norms``: ``||w_after - w_before||`` over all weights; ``lrs``: the
-    learning rate each step used.
+    learning rate each step used; ``weight_norms``: the global norm of the
+    weights before each step.
     """
 
     losses: list = field(default_factory=list)
     grad_norms: list = field(default_factory=list)
     update_norms: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
+    weight_norms: list = field(default_factory=list)
 
     @classmethod
     def from_rows(cls, rows) -> "TrainTrace":
-        """A trace from per-step ``(loss, grad_norm, update_norm, lr)`` rows of device scalars."""
+        """A trace from per-step ``(loss, grad_norm, update_norm, lr[, weight_norm])`` rows of device scalars."""
         trace = cls()
-        for loss, norm, update, lr in rows:
+        for loss, norm, update, lr, *weight in rows:
             trace.losses.append(float(loss))
             trace.grad_norms.append(float(norm))
             trace.update_norms.append(float(update))
             trace.lrs.append(float(lr))
+            if weight:
+                trace.weight_norms.append(float(weight[0]))
         return trace
 
     @property

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from gradtools import _checks
 from gradtools.policies import get_policy
 
-__all__ = ["GradStats", "ClipResult", "ClipperBase"]
+__all__ = ["GradStats", "ClipResult", "ClipperBase", "LayerGradients"]
 
 
 def _tolist(tensor) -> list:
@@ -60,6 +62,36 @@ class GradStats:
     def is_finite(self) -> bool:
         """Whether the global norm is finite (then every entry is)."""
         return math.isfinite(float(self.total))
+
+
+@dataclass
+class LayerGradients:
+    """Gradient flow through a model: one entry per weight matrix, input side first.
+
+    ``names``: the layers (PyTorch module paths such as ``"blocks.3"``, Keras layer
+    paths such as ``"sequential/dense_3"``); ``grad_norms`` and ``weight_norms``:
+    NumPy arrays of the Frobenius norms of each weight matrix's gradient and of the
+    matrix itself; ``loss``: the loss value the gradients are of (penalties included).
+    """
+
+    names: list
+    grad_norms: np.ndarray
+    weight_norms: np.ndarray
+    loss: float
+
+    @property
+    def ratios(self) -> np.ndarray:
+        """``||dL/dW|| / ||W||`` per layer: how far one SGD step of lr 1 would move each layer, relatively."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.grad_norms / self.weight_norms
+
+    def spread(self) -> float:
+        """Largest over smallest gradient norm across the layers (1: perfectly even flow)."""
+        return float(np.max(self.grad_norms) / np.min(self.grad_norms))
+
+    def as_dict(self) -> dict:
+        """``{name: gradient norm}`` as Python floats."""
+        return {n: float(g) for n, g in zip(self.names, self.grad_norms)}
 
 
 @dataclass

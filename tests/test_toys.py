@@ -35,8 +35,8 @@ def test_rnn_input_gradients_agree_and_scale_with_spectral_radius():
 
 def test_batchnorm_and_dropout_layouts_match():
     w = models.init_mlp([5, 8, 8, 2], seed=0)
-    tm = gt.mlp(w, batchnorm=True, dropout=0.2)
-    km = gk.mlp(w, batchnorm=True, dropout=0.2)
+    tm = gt.mlp(w, norm="batch", dropout=0.2)
+    km = gk.mlp(w, norm="batch", dropout=0.2)
     assert [type(m).__name__ for m in tm] == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
     assert [type(layer).__name__ for layer in km.layers] == ["Dense", "BatchNormalization", "Activation", "Dropout"] * 2 + ["Dense"]
     x = np.random.default_rng(0).standard_normal((16, 5)).astype(np.float32)

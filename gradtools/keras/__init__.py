@@ -3,7 +3,7 @@
 Importing this module imports Keras quietly and changes nothing global (see
 :mod:`gradtools.runtime`). The modules mirror :mod:`gradtools.torch` one for one:
 ``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``, ``lr_range``,
-``sharpness``, ``models``, ``toys``, ``optim`` and ``schedules``; shared names mean the same thing in both.
+``sharpness``, ``flow``, ``models``, ``toys``, ``optim`` and ``schedules``; shared names mean the same thing in both.
 Where PyTorch changes gradients in place (``clip_grad_norm_``), Keras returns them
 (``clip_grad_norm``), since Keras gradients are values. The Keras idiom adds
 :class:`GradOptimizer`, which composes the guard, a clipper, AGC and accumulation
@@ -27,7 +27,8 @@ from gradtools.keras.clip import (  # noqa: E402
 )
 from gradtools.keras.guard import GradGuard, GuardCheck, NonFiniteGradientError, TooManySkipsError  # noqa: E402
 from gradtools.keras.lr_range import LRRangeResult, LRRangeTest  # noqa: E402
-from gradtools.keras.models import loss_gradients, mlp, train_full_batch  # noqa: E402
+from gradtools.keras.flow import LayerGradients, layer_gradients  # noqa: E402
+from gradtools.keras.models import loss_gradients, mlp, residual_mlp, train_full_batch, weight_penalty  # noqa: E402
 from gradtools.keras.monitor import GradientLogger, GradientStats  # noqa: E402
 from gradtools.keras.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios  # noqa: E402
 from gradtools.keras.optim import make_optimizer, train, update_sizes  # noqa: E402
@@ -40,8 +41,9 @@ __all__ = [
     "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
     "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping", "get_total_norm",
     "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger", "GradientStats", "GradOptimizer",
-    "GradStats", "GuardCheck", "hessian_vector_product", "learning_rates", "loss_gradients", "LRRangeResult",
-    "LRRangeTest", "make_optimizer", "mlp", "NonFiniteGradientError", "OneCycle", "rnn", "rnn_input_gradients",
-    "sgd_on_quadratic", "snapshot", "TooManySkipsError", "top_hessian_eigenvalue", "train", "train_full_batch",
-    "update_ratios", "update_sizes", "Warmup"
+    "GradStats", "GuardCheck", "hessian_vector_product", "layer_gradients", "LayerGradients", "learning_rates",
+    "loss_gradients", "LRRangeResult", "LRRangeTest", "make_optimizer", "mlp", "NonFiniteGradientError", "OneCycle",
+    "residual_mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot", "TooManySkipsError",
+    "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
+    "weight_penalty"
 ]

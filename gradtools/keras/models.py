@@ -5,45 +5,145 @@ from __future__ import annotations
 import numpy as np
 
 from gradtools import _checks
+from gradtools.models import NORMS
 from gradtools.runtime import import_keras
 
 keras = import_keras()
 
-__all__ = ["mlp", "train_full_batch", "loss_gradients"]
+__all__ = ["mlp", "residual_mlp", "train_full_batch", "loss_gradients", "weight_penalty"]
 
 _ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "linear": None, "leaky_relu": "leaky_relu"}
 
 
-def mlp(weights, activation: str = "relu", batchnorm: bool = False, dropout: float = 0.0) -> "keras.Sequential":
+def _check_norm(norm):
+    if norm is not None:
+        _checks.choice("norm", norm, set(NORMS))
+    return norm
+
+
+def _norm_layer(norm, name: str):
+    """Batch or layer norm with the settings of ``gradtools.torch``'s (eps 1e-3; batch-norm momentum 0.9 = torch's 0.1)."""
+    if norm == "batch":
+        return keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.9, name=f"batchnorm_{name}")
+    return keras.layers.LayerNormalization(epsilon=1e-3, name=f"layernorm_{name}")
+
+
+def _activation_layer(activation: str, name):
+    if activation == "leaky_relu":
+        return keras.layers.LeakyReLU(negative_slope=0.01, name=f"leaky_relu_{name}")
+    return keras.layers.Activation(_ACTIVATIONS[activation] or "linear", name=f"{activation}_{name}")
+
+
+def _set_dense_weights(model, weights) -> None:
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    for layer, (kernel, bias) in zip(dense, weights):
+        layer.set_weights([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)])
+
+
+def mlp(weights, activation: str = "relu", norm: str | None = None, dropout: float = 0.0,
+        kernel_regularizer=None) -> "keras.Sequential":
     """A Keras MLP whose Dense layers hold ``weights`` (from ``gradtools.models.init_mlp``).
 
     Hidden layers use ``activation``; the last layer is linear. Dense layers are
-    named ``dense_0``, ``dense_1``, ... so variable paths are stable. ``batchnorm``
-    inserts ``BatchNormalization`` before each hidden activation; ``dropout`` adds
-    ``Dropout(rate)`` after it (the same layout as ``gradtools.torch.mlp``).
+    named ``dense_0``, ``dense_1``, ... so variable paths are stable. ``norm="batch"``
+    inserts ``BatchNormalization`` (momentum 0.9, torch's 0.1), ``norm="layer"``
+    ``LayerNormalization`` (both eps 1e-3) before each hidden activation;
+    ``dropout`` adds ``Dropout(rate)`` after it (the same layout as
+    ``gradtools.torch.mlp``). ``kernel_regularizer`` (a Keras regularizer) goes on
+    every Dense kernel; ``fit()`` and the gradtools trainers add it to the loss.
     """
     _checks.choice("activation", activation, set(_ACTIVATIONS))
+    norm = _check_norm(norm)
     dropout = _checks.in_range("dropout", dropout, 0.0, 1.0, high_open=True)
     first = np.asarray(weights[0][0])
     layers = [keras.Input(shape=(first.shape[0],))]
     for i, (kernel, _) in enumerate(weights):
         hidden = i < len(weights) - 1
-        layers.append(keras.layers.Dense(np.shape(kernel)[1], name=f"dense_{i}"))
+        layers.append(keras.layers.Dense(np.shape(kernel)[1], name=f"dense_{i}", kernel_regularizer=kernel_regularizer))
         if not hidden:
             break
-        if batchnorm:
-            layers.append(keras.layers.BatchNormalization(epsilon=1e-3, name=f"batchnorm_{i}"))
-        if activation == "leaky_relu":
-            layers.append(keras.layers.LeakyReLU(negative_slope=0.01, name=f"leaky_relu_{i}"))
-        elif _ACTIVATIONS[activation] is not None:
-            layers.append(keras.layers.Activation(_ACTIVATIONS[activation], name=f"{activation}_{i}"))
+        if norm is not None:
+            layers.append(_norm_layer(norm, i))
+        if activation != "linear":
+            layers.append(_activation_layer(activation, i))
         if dropout:
             layers.append(keras.layers.Dropout(dropout, name=f"dropout_{i}"))
     model = keras.Sequential(layers)
-    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
-    for layer, (kernel, bias) in zip(dense, weights):
-        layer.set_weights([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)])
+    _set_dense_weights(model, weights)
     return model
+
+
+def residual_mlp(weights, activation: str = "relu", norm: str | None = None, placement: str = "pre",
+                 kernel_regularizer=None) -> "keras.Model":
+    """A residual MLP whose Dense layers hold ``weights``: the twin of ``gradtools.torch.residual_mlp``.
+
+    ``h = stem(x)``; each block adds a one-layer branch, ``h = h + W act(N(h))``
+    (``placement="pre"``) or ``h = N(h + W act(h))`` (``"post"``); the output is
+    ``head(act(N(h)))`` (pre) or ``head(act(h))`` (post). Dense layers are named
+    ``dense_0`` (the stem) to ``dense_{L+1}`` (the head), so the kernels come input
+    side first, in the same order as the PyTorch model's weight matrices.
+
+    Example:
+        >>> import numpy as np
+        >>> from gradtools.models import init_residual_mlp
+        >>> w = init_residual_mlp(4, 8, blocks=3, out_features=2)
+        >>> net = residual_mlp(w, norm="layer")
+        >>> net(np.ones((5, 4), np.float32)).shape
+        TensorShape([5, 2])
+    """
+    _checks.choice("activation", activation, set(_ACTIVATIONS))
+    norm = _check_norm(norm)
+    placement = _checks.choice("placement", placement, {"pre", "post"})
+    weights = list(weights)
+    if len(weights) < 3:
+        raise ValueError(f"weights must hold a stem, at least one block and a head, got {len(weights)} layer(s)")
+    width = np.shape(weights[0][0])[1]
+    for i, (kernel, _) in enumerate(weights[1:-1], start=1):
+        if tuple(np.shape(kernel)) != (width, width):
+            raise ValueError(f"weights[{i}] is a residual branch and must be ({width}, {width}), "
+                             f"got {tuple(np.shape(kernel))}")
+
+    def dense(i):
+        return keras.layers.Dense(np.shape(weights[i][0])[1], name=f"dense_{i}", kernel_regularizer=kernel_regularizer)
+
+    def normed(h, name):
+        return h if norm is None else _norm_layer(norm, name)(h)
+
+    inputs = keras.Input(shape=(np.shape(weights[0][0])[0],))
+    h = dense(0)(inputs)
+    blocks = len(weights) - 2
+    for i in range(1, blocks + 1):
+        if placement == "pre":
+            branch = dense(i)(_activation_layer(activation, i)(normed(h, i)))
+            h = keras.layers.Add(name=f"add_{i}")([h, branch])
+        else:
+            branch = dense(i)(_activation_layer(activation, i)(h))
+            h = normed(keras.layers.Add(name=f"add_{i}")([h, branch]), i)
+    if placement == "pre":
+        h = normed(h, blocks + 1)
+    outputs = dense(blocks + 1)(_activation_layer(activation, blocks + 1)(h))
+    model = keras.Model(inputs, outputs, name=f"residual_mlp_{placement}")
+    _set_dense_weights(model, weights)
+    return model
+
+
+def weight_penalty(model, l1: float = 0.0, l2: float = 0.0):
+    """``l1 * sum|W| + l2 * sum W**2`` over ``model``'s kernels: the twin of ``gradtools.torch.weight_penalty``.
+
+    The same value as ``kernel_regularizer=keras.regularizers.L1L2(l1, l2)`` on
+    every layer (trainable variables with two or more dimensions), for a custom
+    training loop; ``fit()`` users set the regularizer instead.
+    """
+    l1 = _checks.non_negative("l1", l1)
+    l2 = _checks.non_negative("l2", l2)
+    mats = [v for v in model.trainable_variables if len(v.shape) >= 2]
+    total = keras.ops.zeros(())
+    for w in mats:
+        if l1:
+            total = total + l1 * keras.ops.sum(keras.ops.abs(w))
+        if l2:
+            total = total + l2 * keras.ops.sum(keras.ops.square(w))
+    return total
 
 
 def _loss(loss: str):
@@ -51,6 +151,17 @@ def _loss(loss: str):
     if loss == "mse":
         return keras.losses.MeanSquaredError()
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def regularization(model, l1: float = 0.0, l2: float = 0.0):
+    """What ``fit()`` adds to the loss: ``model.losses`` (kernel regularizers, ``add_loss``), plus an optional
+    :func:`weight_penalty`. Call it inside the ``GradientTape``."""
+    total = keras.ops.zeros(())
+    for term in model.losses:
+        total = total + keras.ops.cast(term, "float32")
+    if l1 or l2:
+        total = total + weight_penalty(model, l1=l1, l2=l2)
+    return total
 
 
 def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip_norm: float | None = None,
@@ -61,7 +172,8 @@ def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip
     clipping as ``torch.nn.utils.clip_grad_norm_``, not Keras' per-variable
     ``clipnorm``). The step is one compiled ``tf.function`` (GradientTape, then
     ``optimizer.apply``), which is what ``fit()`` runs per batch without its
-    per-epoch overhead.
+    per-epoch overhead. As in ``fit()``, the model's regularization losses
+    (``model.losses``) are added to the loss.
     """
     import tensorflow as tf
 
@@ -77,7 +189,7 @@ def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            value = fn(yt, model(xt, training=True))
+            value = fn(yt, model(xt, training=True)) + regularization(model)
         opt.apply(tape.gradient(value, variables), variables)
         return value
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradtools import _checks
-from gradtools.keras.models import _loss
+from gradtools.keras.models import _loss, regularization
 from gradtools.keras.norms import get_total_norm
 from gradtools.optim import TrainTrace, check_run, settings
 from gradtools.runtime import import_keras
@@ -86,7 +86,7 @@ def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **
 
 
 def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int | None = None,
-          spike_factor: float = 1000.0, normalize: bool = False) -> TrainTrace:
+          spike_factor: float = 1000.0, normalize: bool = False, l1: float = 0.0, l2: float = 0.0) -> TrainTrace:
     """Full-batch training, step by step, with an optional gradient spike: the twin of ``gradtools.torch.train``.
 
     Unlike ``gradtools.torch.train`` there is no ``scheduler`` argument: a
@@ -96,7 +96,9 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
     step runs the same graph. An unbuilt model is built on ``x``; variables the
     loss does not reach get no gradient and are left out, as in ``fit()``. The
     loss is not scaled, so a ``LossScaleOptimizer`` is refused: pass the
-    optimizer it wraps.
+    optimizer it wraps. As in ``fit()``, ``model.losses`` (kernel regularizers)
+    join the loss; ``l1``/``l2`` add :func:`gradtools.keras.weight_penalty`, as
+    in ``gradtools.torch.train``.
 
     Returns:
         :class:`gradtools.optim.TrainTrace`.
@@ -109,6 +111,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
         raise TypeError("train does not scale the loss: pass the optimizer a LossScaleOptimizer wraps "
                         "(optimizer.inner_optimizer), not the wrapper")
     steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
+    l1, l2 = _checks.non_negative("l1", l1), _checks.non_negative("l2", l2)
     fn = _loss(loss)
     xt, yt = tf.constant(x), tf.constant(y)
     if not model.built:
@@ -121,7 +124,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
     @tf.function
     def step(factor):
         with tf.GradientTape() as tape:
-            value = fn(yt, model(xt, training=True))
+            value = fn(yt, model(xt, training=True)) + regularization(model, l1, l2)
         pairs = [(g, v) for g, v in zip(tape.gradient(value, variables), variables) if g is not None]
         if not pairs:
             raise ValueError("the loss reaches none of the model's trainable variables")
@@ -134,7 +137,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
         lr = tf.identity(optimizer.learning_rate)
         optimizer.apply(grads, used)
         update = get_total_norm([v - b for v, b in zip(used, before)])
-        return value, norm, update, lr
+        return value, norm, update, lr, get_total_norm(before)
 
     rows = [step(tf.constant(spike_factor if s == spike_at else 1.0)) for s in range(steps)]
     return TrainTrace.from_rows(rows)

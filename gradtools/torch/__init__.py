@@ -1,7 +1,7 @@
 """gradtools for PyTorch: norms, clipping, guards, accumulation, LR range test, sharpness.
 
 The modules (``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``,
-``lr_range``, ``sharpness``, ``models``, ``toys``, ``optim``,
+``lr_range``, ``sharpness``, ``flow``, ``models``, ``toys``, ``optim``,
 ``schedules``) have twins of the same names in
 :mod:`gradtools.keras`, and the public names match wherever the concept is shared.
 """
@@ -17,7 +17,8 @@ from gradtools.torch.clip import (
 )
 from gradtools.torch.guard import GradGuard, GuardResult, NonFiniteGradientError, TooManySkipsError
 from gradtools.torch.lr_range import LRRangeResult, lr_range_test
-from gradtools.torch.models import mlp, train_full_batch
+from gradtools.torch.flow import LayerGradients, layer_gradients
+from gradtools.torch.models import ResidualMLP, mlp, residual_mlp, train_full_batch, weight_penalty
 from gradtools.torch.monitor import Monitor
 from gradtools.torch.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios
 from gradtools.torch.optim import make_optimizer, train, update_sizes
@@ -28,8 +29,9 @@ from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients,
 __all__ = [
     "Accumulator", "activation_gradients", "adaptive_clip_grad_", "clip_grad_norm_", "clip_grad_value_",
     "clip_grads_with_norm_", "Clipper", "ClipResult", "get_total_norm", "grad_stats", "GradGuard", "GradStats",
-    "GuardResult", "hessian_vector_product", "learning_rates", "lr_range_test", "LRRangeResult", "make_optimizer",
-    "mlp", "Monitor", "NonFiniteGradientError", "rnn", "rnn_input_gradients", "sgd_on_quadratic",
-    "sharpness_during_gd", "snapshot", "TooManySkipsError", "top_hessian_eigenvalue", "train", "train_full_batch",
-    "update_ratios", "update_sizes", "Warmup"
+    "GuardResult", "hessian_vector_product", "layer_gradients", "LayerGradients", "learning_rates", "lr_range_test",
+    "LRRangeResult", "make_optimizer", "mlp", "Monitor", "NonFiniteGradientError", "residual_mlp", "ResidualMLP",
+    "rnn", "rnn_input_gradients", "sgd_on_quadratic", "sharpness_during_gd", "snapshot", "TooManySkipsError",
+    "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
+    "weight_penalty"
 ]

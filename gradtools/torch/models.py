@@ -6,38 +6,151 @@ import numpy as np
 import torch
 
 from gradtools import _checks
+from gradtools.models import NORMS
 
-__all__ = ["mlp", "train_full_batch"]
+__all__ = ["mlp", "residual_mlp", "ResidualMLP", "train_full_batch", "weight_penalty"]
 
 _ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "linear": torch.nn.Identity,
                 "leaky_relu": lambda: torch.nn.LeakyReLU(0.01)}
 
 
-def mlp(weights, activation: str = "relu", batchnorm: bool = False, dropout: float = 0.0) -> torch.nn.Sequential:
+def _check_norm(norm):
+    if norm is not None:
+        _checks.choice("norm", norm, set(NORMS))
+    return norm
+
+
+def _norm_layer(norm, width: int) -> torch.nn.Module:
+    """The normalisation layer ``norm`` names, with Keras' epsilon (1e-3) so both frameworks agree."""
+    if norm == "batch":
+        return torch.nn.BatchNorm1d(width, eps=1e-3)
+    if norm == "layer":
+        return torch.nn.LayerNorm(width, eps=1e-3)
+    return torch.nn.Identity()
+
+
+def _linear(kernel, bias) -> torch.nn.Linear:
+    kernel = np.asarray(kernel, dtype=np.float32)
+    lin = torch.nn.Linear(kernel.shape[0], kernel.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        lin.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+    return lin
+
+
+def mlp(weights, activation: str = "relu", norm: str | None = None, dropout: float = 0.0) -> torch.nn.Sequential:
     """An MLP whose Linear layers hold ``weights`` (from ``gradtools.models.init_mlp``).
 
-    Hidden layers use ``activation``; the last layer is linear. Without batch
-    norm or dropout, layer ``k``'s parameters are named ``"{2k}.weight"`` and
-    ``"{2k}.bias"``. ``batchnorm`` inserts ``BatchNorm1d`` (eps 1e-3, as Keras)
-    before each hidden activation; ``dropout`` adds ``Dropout(p)`` after it.
+    Hidden layers use ``activation``; the last layer is linear. Without a norm
+    or dropout, layer ``k``'s parameters are named ``"{2k}.weight"`` and
+    ``"{2k}.bias"``. ``norm="batch"`` inserts ``BatchNorm1d``, ``norm="layer"``
+    ``LayerNorm`` (both with eps 1e-3, as Keras) before each hidden activation;
+    ``dropout`` adds ``Dropout(p)`` after it.
     """
     _checks.choice("activation", activation, set(_ACTIVATIONS))
+    norm = _check_norm(norm)
     dropout = _checks.in_range("dropout", dropout, 0.0, 1.0, high_open=True)
     layers = []
     for i, (kernel, bias) in enumerate(weights):
-        kernel = np.asarray(kernel, dtype=np.float32)
-        lin = torch.nn.Linear(kernel.shape[0], kernel.shape[1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            lin.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
-        layers.append(lin)
+        layers.append(_linear(kernel, bias))
         if i < len(weights) - 1:
-            if batchnorm:
-                layers.append(torch.nn.BatchNorm1d(kernel.shape[1], eps=1e-3))
+            if norm is not None:
+                layers.append(_norm_layer(norm, np.shape(kernel)[1]))
             layers.append(_ACTIVATIONS[activation]())
             if dropout:
                 layers.append(torch.nn.Dropout(dropout))
     return torch.nn.Sequential(*layers)
+
+
+class ResidualMLP(torch.nn.Module):
+    """A stem, residual blocks with one-layer branches, a head: see :func:`residual_mlp`.
+
+    Parameters: ``stem``, ``blocks.{i}`` (the branch Linear layers), ``norms.{i}``
+    (when ``norm`` is set) and ``head``, registered in that order, so the weight
+    matrices come input side first.
+    """
+
+    def __init__(self, weights, activation: str = "relu", norm: str | None = None, placement: str = "pre"):
+        super().__init__()
+        _checks.choice("activation", activation, set(_ACTIVATIONS))
+        self.norm = _check_norm(norm)
+        self.placement = _checks.choice("placement", placement, {"pre", "post"})
+        weights = list(weights)
+        if len(weights) < 3:
+            raise ValueError(f"weights must hold a stem, at least one block and a head, got {len(weights)} layer(s)")
+        width = np.shape(weights[0][0])[1]
+        for i, (kernel, _) in enumerate(weights[1:-1], start=1):
+            if tuple(np.shape(kernel)) != (width, width):
+                raise ValueError(f"weights[{i}] is a residual branch and must be ({width}, {width}), "
+                                 f"got {tuple(np.shape(kernel))}")
+        self.stem = _linear(*weights[0])
+        self.blocks = torch.nn.ModuleList(_linear(*w) for w in weights[1:-1])
+        # pre: a norm before every branch and one before the head; post: one after every addition
+        count = len(self.blocks) + (self.placement == "pre")
+        self.norms = torch.nn.ModuleList(_norm_layer(norm, width) for _ in range(count))
+        self.head = _linear(*weights[-1])
+        self.act = _ACTIVATIONS[activation]()
+
+    def forward(self, x):
+        h = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            if self.placement == "pre":
+                h = h + block(self.act(self.norms[i](h)))
+            else:
+                h = self.norms[i](h + block(self.act(h)))
+        if self.placement == "pre":
+            h = self.norms[-1](h)
+        return self.head(self.act(h))
+
+
+def residual_mlp(weights, activation: str = "relu", norm: str | None = None, placement: str = "pre") -> ResidualMLP:
+    """A residual MLP whose Linear layers hold ``weights`` (from ``gradtools.models.init_residual_mlp``).
+
+    ``h = stem(x)``; each block adds a one-layer branch, ``h = h + W act(N(h))``
+    with ``placement="pre"`` (pre-norm, pre-activation) or ``h = N(h + W act(h))``
+    with ``placement="post"`` (post-norm, as the original Transformer); the output
+    is ``head(act(N(h)))`` (pre) or ``head(act(h))`` (post). ``N`` is batch norm,
+    layer norm (eps 1e-3 as Keras) or nothing (``norm=None``). Without the skips,
+    the pre-norm network is exactly ``mlp(weights, activation, norm)``.
+
+    Example:
+        >>> import torch
+        >>> from gradtools.models import init_residual_mlp
+        >>> w = init_residual_mlp(4, 8, blocks=3, out_features=2)
+        >>> net = residual_mlp(w, norm="layer")
+        >>> net(torch.ones(5, 4)).shape
+        torch.Size([5, 2])
+    """
+    return ResidualMLP(weights, activation, norm, placement)
+
+
+def weight_penalty(model, l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
+    """``l1 * sum|W| + l2 * sum W**2`` over the weight matrices (parameters with 2+ dimensions).
+
+    The PyTorch twin of Keras' ``kernel_regularizer=keras.regularizers.L1L2(l1, l2)``
+    on every layer (biases and norm scales are not penalised). Its gradient adds
+    ``l1 * sign(W)`` (at most ``l1`` per entry) and ``2 * l2 * W``. Add it to the loss.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.copy_(torch.tensor([[3.0, -4.0]]))
+        >>> round(weight_penalty(lin, l1=0.1, l2=0.01).item(), 6)
+        0.95
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    l1 = _checks.non_negative("l1", l1)
+    l2 = _checks.non_negative("l2", l2)
+    mats = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    total = torch.zeros((), dtype=mats[0].dtype if mats else torch.float32)
+    for w in mats:
+        if l1:
+            total = total + l1 * w.abs().sum()
+        if l2:
+            total = total + l2 * w.square().sum()
+    return total
 
 
 def _loss_fn(loss: str):

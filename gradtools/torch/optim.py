@@ -15,7 +15,7 @@ import torch
 
 from gradtools import _checks
 from gradtools.optim import TrainTrace, check_run, settings
-from gradtools.torch.models import _loss_fn
+from gradtools.torch.models import _loss_fn, weight_penalty
 from gradtools.torch.norms import get_total_norm
 
 __all__ = ["make_optimizer", "update_sizes", "train"]
@@ -82,7 +82,7 @@ def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **
 
 
 def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None, spike_at: int | None = None,
-          spike_factor: float = 1000.0, normalize: bool = False) -> TrainTrace:
+          spike_factor: float = 1000.0, normalize: bool = False, l1: float = 0.0, l2: float = 0.0) -> TrainTrace:
     """Full-batch training, step by step, with an optional gradient spike.
 
     Each step computes the loss on ``(x, y)``, backpropagates, multiplies every
@@ -101,6 +101,9 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         spike_at (int or None): the step whose gradient is multiplied.
         spike_factor (float): the multiplier, default 1000.
         normalize (bool): normalised gradient descent (``g / ||g||``).
+        l1, l2 (float): add :func:`gradtools.torch.weight_penalty` to the loss
+            (Keras' ``L1L2`` kernel regularizer; default 0, none). This is an L2
+            *penalty*: under Adam it differs from decoupled weight decay (AdamW).
 
     Returns:
         :class:`gradtools.optim.TrainTrace`; the per-step values stay on the
@@ -114,6 +117,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         raise TypeError("optimizer must step without a closure; LBFGS re-evaluates the loss itself, "
                         "which would bypass the spike and the normalisation")
     steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
+    l1, l2 = _checks.non_negative("l1", l1), _checks.non_negative("l2", l2)
     fn = _loss_fn(loss)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -126,6 +130,8 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         value = fn(model(xt), yt)
+        if l1 or l2:
+            value = value + weight_penalty(model, l1, l2)
         value.backward()
         grads = [p.grad for p in params if p.grad is not None]
         with torch.no_grad():
@@ -139,7 +145,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         optimizer.step()
         with torch.no_grad():
             update = get_total_norm(torch._foreach_sub(params, before))
-        rows.append((value.detach(), norm, update, lr))
+        rows.append((value.detach(), norm, update, lr, get_total_norm(before)))
         if scheduler is not None:
             scheduler.step()
     return TrainTrace.from_rows(rows)

@@ -1,0 +1,79 @@
+"""Per-layer gradient flow of any PyTorch model: the twin of :mod:`gradtools.keras.flow`.
+
+:func:`layer_gradients` runs one forward and backward pass and returns, for
+every weight matrix (a parameter with two or more dimensions: Linear, conv and
+embedding weights; biases and norm scales are left out), the norm of its
+gradient and of the matrix itself, input side first. It uses
+``torch.autograd.grad``, so the parameters' ``.grad`` fields are left untouched.
+
+Example:
+    >>> import torch, gradtools.torch as gt
+    >>> from gradtools.models import init_mlp
+    >>> model = gt.mlp(init_mlp([4, 8, 8, 2], seed=0))
+    >>> flow = gt.layer_gradients(model, torch.ones(16, 4), torch.zeros(16, 2))
+    >>> flow.names
+    ['0', '2', '4']
+    >>> flow.grad_norms.shape, bool(model[0].weight.grad is None)
+    ((3,), True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradtools import _checks
+from gradtools.stats import LayerGradients
+from gradtools.torch.models import weight_penalty
+
+__all__ = ["layer_gradients", "LayerGradients"]
+
+_LOSSES = {"mse": torch.nn.functional.mse_loss, "crossentropy": torch.nn.functional.cross_entropy}
+
+
+def _weight_matrices(model) -> list:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    if not pairs:
+        raise ValueError(f"model ({type(model).__name__}) has no trainable weight matrices to measure")
+    return [(n[: -len(".weight")] if n.endswith(".weight") else n, p) for n, p in pairs]
+
+
+def layer_gradients(model, x, y, loss="mse", l1: float = 0.0, l2: float = 0.0) -> LayerGradients:
+    """Gradient norm of every weight matrix of ``model`` on the batch ``(x, y)``.
+
+    Args:
+        model (torch.nn.Module): any model; run in its current mode (a new model
+            is in training mode, like Keras' ``training=True``; batch norm then
+            updates its running statistics, as in any training forward pass).
+        x, y: the batch (arrays or tensors; floating data takes the model's dtype).
+        loss: ``"mse"``, ``"crossentropy"`` (integer labels, logits) or a callable
+            ``loss(output, target)`` returning a scalar tensor.
+        l1, l2 (float): add :func:`gradtools.torch.weight_penalty` to the loss, the
+            twin of a Keras ``kernel_regularizer`` (default 0: none).
+
+    Returns:
+        :class:`gradtools.stats.LayerGradients` (NumPy arrays, input side first).
+        A weight matrix the loss does not reach gets a gradient norm of 0.
+    """
+    if isinstance(loss, str):
+        fn = _LOSSES[_checks.choice("loss", loss, set(_LOSSES))]
+    elif callable(loss):
+        fn = loss
+    else:
+        raise TypeError(f"loss must be 'mse', 'crossentropy' or a callable, got {type(loss).__name__}")
+    pairs = _weight_matrices(model)
+    params = [p for _, p in pairs]
+    xt, yt = (torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a) for a in (x, y))
+    xt, yt = (a.to(params[0].dtype) if a.is_floating_point() else a for a in (xt, yt))
+    value = fn(model(xt), yt)
+    if l1 or l2:
+        value = value + weight_penalty(model, l1=l1, l2=l2)
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    with torch.no_grad():
+        g = [torch.zeros((), device=p.device) if gr is None else torch.linalg.vector_norm(gr.float())
+             for gr, p in zip(grads, params)]
+        w = [torch.linalg.vector_norm(p.float()) for p in params]
+        g_norms, w_norms = torch.stack(g).double().cpu().numpy(), torch.stack(w).double().cpu().numpy()
+    return LayerGradients([n for n, _ in pairs], g_norms, w_norms, float(value.detach()))
