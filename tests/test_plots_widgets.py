@@ -154,3 +154,17 @@ def test_live_widget_recomputes_off_grid_in_a_kernel():
     assert text.startswith("FloatLogSlider")  # a geometric grid gets a log slider
     assert "FloatLogSlider ['loss at lr=0.1000\\n'] ['loss at lr=0.0437\\n']" in text  # the output changed
     assert "0.0437]" in text  # fn was called with the off-grid value
+
+
+def test_string_knob_is_a_switch():
+    """A grid of strings (an architecture, say) is a stepped slider in the book and a drop-down in a kernel."""
+    s = slider(lambda arch, depth: f"{arch} at depth {depth}", arch=["plain", "residual"], depth=[4, 16])
+    html = s.static_html()
+    assert html.count('class="gts-frame"') == 4 and "&quot;residual&quot;" in html
+    assert "<pre>residual at depth 16</pre>" in html
+    w = s.widget()
+    switch, knob = w.controls
+    assert type(switch).__name__ == "Dropdown" and list(switch.options) == ["plain", "residual"]
+    switch.value = "plain"
+    knob.value = 9  # off the grid
+    assert w.output.outputs[0]["text"] == "plain at depth 9\n"
