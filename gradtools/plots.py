@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["PALETTE", "loss_curves", "gradient_flow", "norm_history", "lr_range_curve", "quadratic_trajectory",
-           "update_ratios", "sharpness_curve", "lr_schedules", "gradient_through_time", "loss_surface"]
+__all__ = ["PALETTE", "loss_curves", "gradient_flow", "curves", "norm_history", "lr_range_curve",
+           "quadratic_trajectory", "update_ratios", "sharpness_curve", "lr_schedules", "gradient_through_time",
+           "loss_surface"]
 
 #: Colours used everywhere in the book.
 PALETTE = {
@@ -116,6 +117,36 @@ def gradient_flow(series: dict, layer_names=None, title: str = "Gradient norm pe
     if layer_names is not None:
         ax.set_xticks(np.arange(1, len(layer_names) + 1), labels=list(layer_names), rotation=90, fontsize=7)
     return _finish(fig, ax, "layer (input side first)", "gradient norm (log scale)", title, logy=True)
+
+
+def curves(x, series: dict, xlabel: str, ylabel: str, title: str, logx: bool = False, logy: bool = True,
+           reference: float | None = None) -> Figure:
+    """One line per series against a shared ``x`` (depth, width, strength...), log y by default.
+
+    Args:
+        x: the shared x values.
+        series: label -> y values (non-finite points are left out of a line).
+        reference: draw a dotted horizontal line there (for example 1: no growth).
+
+    Example:
+        >>> fig = curves([2, 4, 8], {"plain": [1, 1, 1], "residual": [2, 4, 16]},
+        ...              "depth", "gradient norm", "Gradient norm vs depth", logx=True)
+        >>> [line.get_label() for line in fig.axes[0].get_lines()]
+        ['plain', 'residual']
+    """
+    fig, ax = _figure()
+    x = np.asarray(x, dtype=float)
+    for i, (label, ys) in enumerate(series.items()):
+        ys = np.asarray(ys, dtype=float)
+        if ys.shape != x.shape:
+            raise ValueError(f"series {label!r} has {ys.size} values for {x.size} x values")
+        ok = np.isfinite(ys)
+        ax.plot(x[ok], ys[ok], marker="o", markersize=3, label=label, color=_color(label, i))
+    if reference is not None:
+        ax.axhline(reference, color=PALETTE["threshold"], ls=":", lw=1)
+    if logx:
+        ax.set_xscale("log", base=2 if np.all(np.log2(x) % 1 == 0) else 10)
+    return _finish(fig, ax, xlabel, ylabel, title, logy=logy)
 
 
 def norm_history(norms, threshold=None, clipped=None, skipped=None, title: str = "Global gradient norm") -> Figure:
