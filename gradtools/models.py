@@ -64,15 +64,23 @@ def init_residual_mlp(in_features: int, width: int, blocks: int, out_features: i
     except that the ``blocks`` square kernels (the residual branches) are
     multiplied by ``branch_scale``. So ``gradtools.torch.mlp`` and
     ``gradtools.torch.residual_mlp`` built from one list are the same network with
-    and without the skip connections. ``branch_scale = blocks ** -0.5`` is the
-    down-scaled branch of Fixup (Zhang et al., 2019) for one-layer branches.
+    and without the skip connections. A He branch doubles the variance of the
+    residual stream at every block; ``branch_scale = blocks ** -0.5`` bounds the
+    growth over all blocks by ``e``. (Fixup, Zhang et al. 2019, rescales branches of
+    ``m >= 2`` layers by ``L ** (-1 / (2m - 2))`` and zeroes their last layer;
+    SkipInit, De and Smith 2020, multiplies each branch by a learnable scalar
+    started at 0. This is the same idea for one-layer branches, fixed at
+    initialisation.)
 
     Example:
         >>> w = init_residual_mlp(8, 16, blocks=4, out_features=2, branch_scale=0.5)
         >>> [k.shape for k, _ in w][:2], len(w)
         ([(8, 16), (16, 16)], 6)
     """
+    in_features = _checks.integer("in_features", in_features, minimum=1)
+    width = _checks.integer("width", width, minimum=1)
     blocks = _checks.integer("blocks", blocks, minimum=1)
+    out_features = _checks.integer("out_features", out_features, minimum=1)
     branch_scale = _checks.non_negative("branch_scale", branch_scale)
     sizes = [in_features] + [width] * (blocks + 1) + [out_features]
     weights = init_mlp(sizes, init=init, seed=seed, gain=gain)

@@ -139,7 +139,7 @@ def curves(x, series: dict, xlabel: str, ylabel: str, title: str, logx: bool = F
     for i, (label, ys) in enumerate(series.items()):
         ys = np.asarray(ys, dtype=float)
         if ys.shape != x.shape:
-            raise ValueError(f"series {label!r} has {ys.size} values for {x.size} x values")
+            raise ValueError(f"series {label!r} must hold one value per x, shape {x.shape}; got shape {ys.shape}")
         ok = np.isfinite(ys)
         ax.plot(x[ok], ys[ok], marker="o", markersize=3, label=label, color=_color(label, i))
     if reference is not None:

@@ -44,6 +44,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _is_switch(values) -> bool:
+    """A grid of choices rather than numbers: strings, None (``norm=[None, "batch"]``), booleans."""
+    return any(v is None or isinstance(v, (str, bool)) for v in values)
+
+
 def _is_geometric(values) -> bool:
     v = np.asarray(values, dtype=float)
     if len(v) < 3 or np.any(v <= 0):
@@ -81,10 +86,10 @@ class Slider:
         for name, values in knobs.items():
             if not isinstance(values, (list, tuple, np.ndarray)) or len(values) < 2:
                 raise ValueError(f"{name} must be a list of at least two grid values, got {values!r}")
-            if all(isinstance(v, str) for v in values):
-                continue  # a switch
-            if any(isinstance(v, str) for v in values) or any(not math.isfinite(float(v)) for v in values):
-                raise ValueError(f"{name} must hold finite numbers (or only strings, a switch), got {values!r}")
+            if _is_switch(values):
+                continue
+            if any(not math.isfinite(float(v)) for v in values):
+                raise ValueError(f"{name} must hold finite numbers, or be a switch (strings, None), got {values!r}")
         self.fn = fn
         self.knobs = {k: list(v) for k, v in knobs.items()}
         self.dpi = dpi
@@ -168,8 +173,9 @@ class Slider:
         import ipywidgets as W
         controls = []
         for name, values in self.knobs.items():
-            if any(isinstance(v, str) for v in values):  # a switch: the grid's labels, in order
-                controls.append(W.Dropdown(options=list(values), value=values[len(values) // 2], description=name))
+            if _is_switch(values):  # the grid's values, in order, labelled as in the book
+                controls.append(W.Dropdown(options=[(_fmt(v), v) for v in values], value=values[len(values) // 2],
+                                           description=name))
                 continue
             lo, hi = float(min(values)), float(max(values))
             mid = float(values[len(values) // 2])
@@ -237,7 +243,8 @@ def slider(fn, *, dpi: int = 72, title: str | None = None, **knobs) -> Slider:
         title (str): shown above the static slider.
         **knobs: one or two ``name=[values...]`` grids. The live slider spans the
             grid's range continuously (log scale for geometric grids); a grid of
-            strings is a switch (a drop-down in a kernel, a stepped slider in the book).
+            strings, None or booleans is a switch (a drop-down in a kernel, a
+            stepped slider in the book).
 
     Returns:
         A :class:`Slider`; display it (make it a cell's last expression).

@@ -191,3 +191,102 @@ def test_layer_gradients_refuse_models_without_weight_matrices():
         gt.layer_gradients("net", X, Y)
     with pytest.raises(TypeError, match="model"):
         gk.layer_gradients("net", X, Y)
+
+
+def test_layer_gradients_norms_do_not_underflow_or_overflow():
+    """Norms are taken in float64: a vanishing gradient is not reported as 0, a huge float64 one not as inf."""
+    w = models.init_mlp([4, 2], seed=0)
+    x, y = np.ones((8, 4), np.float32), np.zeros((8, 2), np.float32)
+    tiny_t = gt.layer_gradients(gt.mlp(w), x, y, loss=lambda p, t: 1e-22 * p.sum()).grad_norms[0]
+    tiny_k = gk.layer_gradients(gk.mlp(w), x, y, loss=lambda t, p: 1e-22 * keras.ops.sum(p)).grad_norms[0]
+    expected = 1e-22 * 8 * np.sqrt(8)  # each of the 8 kernel entries' gradients is 8 (eight ones) times 1e-22
+    assert tiny_t == pytest.approx(expected, rel=1e-5, abs=0) and tiny_k == pytest.approx(expected, rel=1e-5, abs=0)
+    huge = gt.layer_gradients(gt.mlp(w).double(), x, y, loss=lambda p, t: 1e22 * p.sum()).grad_norms[0]
+    assert huge == pytest.approx(1e22 * 8 * np.sqrt(8), rel=1e-9)  # its squares overflow float32
+
+
+def test_keras_float64_models_take_penalties():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, dtype="float64")])
+    x, y = np.ones((8, 4)), np.zeros((8, 2))
+    assert float(gk.weight_penalty(model, l2=0.1)) > 0
+    flow = gk.layer_gradients(model, x, y, l2=0.1)
+    assert flow.loss > 0 and np.all(np.isfinite(flow.grad_norms))
+    trace = gk.train(model, keras.optimizers.SGD(0.01), x, y, steps=2, l1=0.1)
+    assert np.all(np.isfinite(trace.losses))
+
+
+def test_inputs_labels_and_shapes_are_handled_alike():
+    w = models.init_mlp([64, 16, 1], seed=9)
+    target = np.linspace(-1, 1, len(X)).astype(np.float32)  # shape (N,) for an (N, 1) output
+    t = gt.layer_gradients(gt.mlp(w), X, target)
+    k = gk.layer_gradients(gk.mlp(w), X, target.tolist())  # a plain list, as a user may pass it
+    np.testing.assert_allclose(k.grad_norms, t.grad_norms, rtol=1e-4)
+    assert k.loss == pytest.approx(t.loss, rel=1e-5)
+    with pytest.raises(ValueError, match=r"y has shape \(256, 3\) but the model outputs \(256, 1\)"):
+        gt.layer_gradients(gt.mlp(w), X, np.zeros((len(X), 3), np.float32))
+    labels = np.arange(len(X)) % 10
+    wc = models.init_mlp([64, 16, 10], seed=9)
+    for dtype in (np.int32, np.int64):  # int32 labels work in PyTorch too
+        t = gt.layer_gradients(gt.mlp(wc), X, labels.astype(dtype), loss="crossentropy")
+        k = gk.layer_gradients(gk.mlp(wc), X, labels.astype(dtype), loss="crossentropy")
+        np.testing.assert_allclose(k.grad_norms, t.grad_norms, rtol=1e-4)
+    tm = gt.mlp(wc)
+    trace = gt.train(tm, torch.optim.SGD(tm.parameters(), lr=0.1), X, labels.astype(np.int32), steps=2,
+                     loss="crossentropy")
+    assert np.all(np.isfinite(trace.losses))
+
+
+def test_keras_layer_gradients_of_a_multi_input_model():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    out = keras.layers.Dense(1, name="out")(keras.layers.Concatenate()([keras.layers.Dense(4, name="da")(a), b]))
+    model = keras.Model([a, b], out)
+    xa, xb, y = np.ones((5, 3), np.float32), np.ones((5, 2), np.float32), np.zeros((5, 1), np.float32)
+    as_list = gk.layer_gradients(model, [xa, xb], y)
+    as_dict = gk.layer_gradients(model, {"a": xa, "b": xb}, y)
+    assert [n.split("/")[-1] for n in as_list.names] == ["da", "out"]
+    np.testing.assert_allclose(as_dict.grad_norms, as_list.grad_norms)
+
+
+def test_weight_norms_count_every_trainable_weight_in_both_frameworks():
+    """A layer the forward pass never uses still has weights: both traces count them."""
+    class Unused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = torch.nn.Linear(4, 2)
+            self.spare = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    class KUnused(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = keras.layers.Dense(2), keras.layers.Dense(2)
+
+        def build(self, shape):
+            self.used.build(shape)
+            self.spare.build(shape)
+
+        def call(self, x):
+            return self.used(x)
+
+    tm, km = Unused(), KUnused()
+    x, y = np.ones((8, 4), np.float32), np.zeros((8, 2), np.float32)
+    km.build((None, 4))
+    for layer_t, layer_k in ((tm.used, km.used), (tm.spare, km.spare)):
+        layer_k.set_weights([layer_t.weight.detach().numpy().T, layer_t.bias.detach().numpy()])
+    t = gt.train(tm, torch.optim.SGD(tm.parameters(), lr=0.1), x, y, steps=2)
+    k = gk.train(km, keras.optimizers.SGD(0.1), x, y, steps=2)
+    np.testing.assert_allclose(k.weight_norms, t.weight_norms, rtol=1e-5)
+
+
+def test_more_arguments_are_named():
+    with pytest.raises(TypeError, match="model must be a keras.Model"):
+        gk.weight_penalty("m", l2=1.0)
+    for kwargs, name in ((dict(width=0), "width"), (dict(in_features=2.5), "in_features"),
+                         (dict(out_features=-1), "out_features")):
+        args = dict(in_features=4, width=8, blocks=2, out_features=2) | kwargs
+        with pytest.raises((TypeError, ValueError), match=name):
+            models.init_residual_mlp(**args)
+    with pytest.raises(ValueError, match="recurrent"):
+        models.init_rnn(2, 4, 1.0, recurrent="unitary")

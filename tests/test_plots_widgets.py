@@ -164,7 +164,19 @@ def test_string_knob_is_a_switch():
     assert "<pre>residual at depth 16</pre>" in html
     w = s.widget()
     switch, knob = w.controls
-    assert type(switch).__name__ == "Dropdown" and list(switch.options) == ["plain", "residual"]
+    assert type(switch).__name__ == "Dropdown" and [v for _, v in switch.options] == ["plain", "residual"]
     switch.value = "plain"
     knob.value = 9  # off the grid
     assert w.output.outputs[0]["text"] == "plain at depth 9\n"
+
+
+def test_switch_of_none_and_strings():
+    """``norm=[None, "batch", "layer"]`` is a natural grid: None is a choice too."""
+    s = slider(lambda norm: f"norm {norm}", norm=[None, "batch", "layer"])
+    assert s.static_html().count('class="gts-frame"') == 3
+    (switch,) = s.widget().controls
+    assert list(switch.options) == [("None", None), ("batch", "batch"), ("layer", "layer")]
+    switch.value = None
+    assert s.widget().output.outputs[0]["text"] == "norm None\n"
+    with pytest.raises(ValueError, match="curves|one value per x"):
+        plots.curves([1, 2], {"a": [[1, 2], [3, 4]]}, "x", "y", "t")

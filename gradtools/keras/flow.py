@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradtools import _checks
-from gradtools.keras.models import regularization
+from gradtools.keras.models import _loss, regularization
 from gradtools.runtime import import_keras
 from gradtools.stats import LayerGradients
 
@@ -32,15 +32,14 @@ import tensorflow as tf  # noqa: E402
 __all__ = ["layer_gradients", "LayerGradients"]
 
 
-def _loss_fn(loss):
-    if isinstance(loss, str):
-        _checks.choice("loss", loss, {"mse", "crossentropy"})
-        if loss == "mse":
-            return keras.losses.MeanSquaredError()
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if callable(loss):
-        return loss
-    raise TypeError(f"loss must be 'mse', 'crossentropy' or a callable, got {type(loss).__name__}")
+def _as_inputs(model, x):
+    """One tensor, or one per input of a multi-input model (a list, tuple or dict of arrays)."""
+    several = len(getattr(model, "inputs", None) or []) > 1
+    if isinstance(x, dict):
+        return {k: tf.convert_to_tensor(v) for k, v in x.items()}
+    if several and isinstance(x, (list, tuple)):
+        return [tf.convert_to_tensor(v) for v in x]
+    return x if tf.is_tensor(x) else tf.convert_to_tensor(np.asarray(x))
 
 
 def layer_gradients(model, x, y, loss="mse", l1: float = 0.0, l2: float = 0.0,
@@ -48,8 +47,9 @@ def layer_gradients(model, x, y, loss="mse", l1: float = 0.0, l2: float = 0.0,
     """Gradient norm of every weight matrix of ``model`` on the batch ``(x, y)``.
 
     Args:
-        model (keras.Model): any built model (Sequential, functional, subclassed).
-        x, y: the batch.
+        model (keras.Model): any model (Sequential, functional, subclassed).
+        x, y: the batch; for a model with several inputs, ``x`` is a list or
+            dict of arrays, one per input.
         loss: ``"mse"``, ``"crossentropy"`` (integer labels, logits) or a callable
             ``loss(y_true, y_pred)`` (Keras' argument order) returning a scalar.
         l1, l2 (float): add :func:`gradtools.keras.weight_penalty` on top of
@@ -57,23 +57,26 @@ def layer_gradients(model, x, y, loss="mse", l1: float = 0.0, l2: float = 0.0,
         training (bool): the forward pass's mode, default True as in ``fit()``.
 
     Returns:
-        :class:`gradtools.stats.LayerGradients` (NumPy arrays, input side first,
-        named by layer path). A kernel the loss does not reach gets 0.
+        :class:`gradtools.stats.LayerGradients` (NumPy float64 arrays, input side
+        first, named by layer path, norms computed in float64). A kernel the loss
+        does not reach gets 0.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
-    fn = _loss_fn(loss)
+    fn = _loss(loss)
     l1, l2 = _checks.non_negative("l1", l1), _checks.non_negative("l2", l2)
-    xt = tf.convert_to_tensor(np.asarray(x) if not tf.is_tensor(x) else x)
-    if not model.built:
-        model(xt[:1])
+    xt = _as_inputs(model, x)
+    if isinstance(y, (list, tuple)) and len(getattr(model, "outputs", None) or []) <= 1:
+        y = np.asarray(y)
+    with tf.GradientTape() as tape:  # watches every trainable variable the call touches, built here or before
+        value = fn(y, model(xt, training=training))
+        value = value + regularization(model, l1, l2, dtype=value.dtype)
     variables = [v for v in model.trainable_variables if len(v.shape) >= 2]
     if not variables:
         raise ValueError(f"model ({model.name}) has no trainable weight matrices to measure")
-    with tf.GradientTape() as tape:
-        value = fn(y, model(xt, training=training)) + regularization(model, l1, l2)
     grads = tape.gradient(value, variables)
-    g = [0.0 if gr is None else float(tf.norm(tf.cast(gr, tf.float32))) for gr in grads]
-    w = [float(tf.norm(tf.cast(v, tf.float32))) for v in variables]
+    # norms in float64: no underflow to 0 for vanishing gradients, no overflow for exploding ones
+    g = [0.0 if gr is None else float(tf.norm(tf.cast(gr, tf.float64))) for gr in grads]
+    w = [float(tf.norm(tf.cast(v, tf.float64))) for v in variables]
     names = [v.path.rsplit("/", 1)[0] if v.path.endswith(("/kernel", "/embeddings")) else v.path for v in variables]
     return LayerGradients(names, np.array(g), np.array(w), float(value))

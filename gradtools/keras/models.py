@@ -51,6 +51,9 @@ def mlp(weights, activation: str = "relu", norm: str | None = None, dropout: flo
     ``dropout`` adds ``Dropout(rate)`` after it (the same layout as
     ``gradtools.torch.mlp``). ``kernel_regularizer`` (a Keras regularizer) goes on
     every Dense kernel; ``fit()`` and the gradtools trainers add it to the loss.
+    With ``training=True`` the network equals the PyTorch one from the same
+    weights; after training, batch norm's moving variance differs slightly (Keras
+    updates it with the biased batch variance, PyTorch with the unbiased one).
     """
     _checks.choice("activation", activation, set(_ACTIVATIONS))
     norm = _check_norm(norm)
@@ -134,10 +137,12 @@ def weight_penalty(model, l1: float = 0.0, l2: float = 0.0):
     every layer (trainable variables with two or more dimensions), for a custom
     training loop; ``fit()`` users set the regularizer instead.
     """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"model must be a keras.Model (or layer), got {type(model).__name__}")
     l1 = _checks.non_negative("l1", l1)
     l2 = _checks.non_negative("l2", l2)
     mats = [v for v in model.trainable_variables if len(v.shape) >= 2]
-    total = keras.ops.zeros(())
+    total = keras.ops.zeros((), dtype=mats[0].dtype if mats else "float32")
     for w in mats:
         if l1:
             total = total + l1 * keras.ops.sum(keras.ops.abs(w))
@@ -146,21 +151,26 @@ def weight_penalty(model, l1: float = 0.0, l2: float = 0.0):
     return total
 
 
-def _loss(loss: str):
+def _loss(loss):
+    """``loss(y_true, y_pred)``: ``"mse"``, ``"crossentropy"`` (integer labels, logits) or a callable."""
+    if callable(loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be 'mse', 'crossentropy' or a callable, got {type(loss).__name__}")
     _checks.choice("loss", loss, {"mse", "crossentropy"})
     if loss == "mse":
         return keras.losses.MeanSquaredError()
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def regularization(model, l1: float = 0.0, l2: float = 0.0):
+def regularization(model, l1: float = 0.0, l2: float = 0.0, dtype="float32"):
     """What ``fit()`` adds to the loss: ``model.losses`` (kernel regularizers, ``add_loss``), plus an optional
-    :func:`weight_penalty`. Call it inside the ``GradientTape``."""
-    total = keras.ops.zeros(())
+    :func:`weight_penalty`, summed in ``dtype`` (the loss's). Call it inside the ``GradientTape``."""
+    total = keras.ops.zeros((), dtype=dtype)
     for term in model.losses:
-        total = total + keras.ops.cast(term, "float32")
+        total = total + keras.ops.cast(term, dtype)
     if l1 or l2:
-        total = total + weight_penalty(model, l1=l1, l2=l2)
+        total = total + keras.ops.cast(weight_penalty(model, l1=l1, l2=l2), dtype)
     return total
 
 
@@ -189,7 +199,8 @@ def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            value = fn(yt, model(xt, training=True)) + regularization(model)
+            value = fn(yt, model(xt, training=True))
+            value = value + regularization(model, dtype=value.dtype)
         opt.apply(tape.gradient(value, variables), variables)
         return value
 

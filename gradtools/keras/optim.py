@@ -124,7 +124,8 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
     @tf.function
     def step(factor):
         with tf.GradientTape() as tape:
-            value = fn(yt, model(xt, training=True)) + regularization(model, l1, l2)
+            value = fn(yt, model(xt, training=True))
+            value = value + regularization(model, l1, l2, dtype=value.dtype)
         pairs = [(g, v) for g, v in zip(tape.gradient(value, variables), variables) if g is not None]
         if not pairs:
             raise ValueError("the loss reaches none of the model's trainable variables")
@@ -134,10 +135,11 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
         if normalize:
             grads = [g / tf.cast(norm, g.dtype) for g in grads]
         before = [tf.identity(v) for v in used]
+        weight_norm = get_total_norm([tf.identity(v) for v in variables])  # all of them, as in PyTorch
         lr = tf.identity(optimizer.learning_rate)
         optimizer.apply(grads, used)
         update = get_total_norm([v - b for v, b in zip(used, before)])
-        return value, norm, update, lr, get_total_norm(before)
+        return value, norm, update, lr, weight_norm
 
     rows = [step(tf.constant(spike_factor if s == spike_at else 1.0)) for s in range(steps)]
     return TrainTrace.from_rows(rows)

@@ -19,16 +19,12 @@ Example:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from gradtools import _checks
 from gradtools.stats import LayerGradients
-from gradtools.torch.models import weight_penalty
+from gradtools.torch.models import _loss_fn, batch_tensors, weight_penalty
 
 __all__ = ["layer_gradients", "LayerGradients"]
-
-_LOSSES = {"mse": torch.nn.functional.mse_loss, "crossentropy": torch.nn.functional.cross_entropy}
 
 
 def _weight_matrices(model) -> list:
@@ -47,33 +43,29 @@ def layer_gradients(model, x, y, loss="mse", l1: float = 0.0, l2: float = 0.0) -
         model (torch.nn.Module): any model; run in its current mode (a new model
             is in training mode, like Keras' ``training=True``; batch norm then
             updates its running statistics, as in any training forward pass).
-        x, y: the batch (arrays or tensors; floating data takes the model's dtype).
+        x, y: the batch (arrays or tensors; moved to the model's device, floating
+            data in the model's dtype, integer labels as int64).
         loss: ``"mse"``, ``"crossentropy"`` (integer labels, logits) or a callable
             ``loss(output, target)`` returning a scalar tensor.
         l1, l2 (float): add :func:`gradtools.torch.weight_penalty` to the loss, the
             twin of a Keras ``kernel_regularizer`` (default 0: none).
 
     Returns:
-        :class:`gradtools.stats.LayerGradients` (NumPy arrays, input side first).
-        A weight matrix the loss does not reach gets a gradient norm of 0.
+        :class:`gradtools.stats.LayerGradients` (NumPy float64 arrays, input side
+        first, norms computed in float64). A weight matrix the loss does not reach
+        gets a gradient norm of 0.
     """
-    if isinstance(loss, str):
-        fn = _LOSSES[_checks.choice("loss", loss, set(_LOSSES))]
-    elif callable(loss):
-        fn = loss
-    else:
-        raise TypeError(f"loss must be 'mse', 'crossentropy' or a callable, got {type(loss).__name__}")
+    fn = _loss_fn(loss)
     pairs = _weight_matrices(model)
     params = [p for _, p in pairs]
-    xt, yt = (torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a) for a in (x, y))
-    xt, yt = (a.to(params[0].dtype) if a.is_floating_point() else a for a in (xt, yt))
+    xt, yt = batch_tensors(x, y, params[0])
     value = fn(model(xt), yt)
     if l1 or l2:
         value = value + weight_penalty(model, l1=l1, l2=l2)
     grads = torch.autograd.grad(value, params, allow_unused=True)
-    with torch.no_grad():
-        g = [torch.zeros((), device=p.device) if gr is None else torch.linalg.vector_norm(gr.float())
-             for gr, p in zip(grads, params)]
-        w = [torch.linalg.vector_norm(p.float()) for p in params]
-        g_norms, w_norms = torch.stack(g).double().cpu().numpy(), torch.stack(w).double().cpu().numpy()
+    with torch.no_grad():  # norms in float64: no overflow or underflow for tiny or huge gradients
+        g = [torch.zeros((), device=p.device, dtype=torch.float64) if gr is None
+             else torch.linalg.vector_norm(gr.double()) for gr, p in zip(grads, params)]
+        w = [torch.linalg.vector_norm(p.double()) for p in params]
+        g_norms, w_norms = torch.stack(g).cpu().numpy(), torch.stack(w).cpu().numpy()
     return LayerGradients([n for n, _ in pairs], g_norms, w_norms, float(value.detach()))

@@ -45,7 +45,10 @@ def mlp(weights, activation: str = "relu", norm: str | None = None, dropout: flo
     or dropout, layer ``k``'s parameters are named ``"{2k}.weight"`` and
     ``"{2k}.bias"``. ``norm="batch"`` inserts ``BatchNorm1d``, ``norm="layer"``
     ``LayerNorm`` (both with eps 1e-3, as Keras) before each hidden activation;
-    ``dropout`` adds ``Dropout(p)`` after it.
+    ``dropout`` adds ``Dropout(p)`` after it. In training mode the network equals
+    ``gradtools.keras.mlp`` from the same weights; in evaluation mode after some
+    training, batch norm's running variance differs slightly (PyTorch updates it
+    with the unbiased batch variance, Keras with the biased one).
     """
     _checks.choice("activation", activation, set(_ACTIVATIONS))
     norm = _check_norm(norm)
@@ -153,9 +156,34 @@ def weight_penalty(model, l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
     return total
 
 
-def _loss_fn(loss: str):
+def _mse(pred, target):
+    if target.shape != pred.shape:
+        if pred.shape[-1:] == (1,) and target.shape == pred.shape[:-1]:
+            target = target.unsqueeze(-1)  # (N,) targets for (N, 1) outputs, aligned as Keras aligns them
+        else:
+            raise ValueError(f"y has shape {tuple(target.shape)} but the model outputs {tuple(pred.shape)}: "
+                             "mse needs the same shape (it would broadcast them)")
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+def _loss_fn(loss):
+    """``loss(output, target)``: ``"mse"``, ``"crossentropy"`` (integer labels, logits) or a callable."""
+    if callable(loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be 'mse', 'crossentropy' or a callable, got {type(loss).__name__}")
     _checks.choice("loss", loss, {"mse", "crossentropy"})
-    return torch.nn.MSELoss() if loss == "mse" else torch.nn.CrossEntropyLoss()
+    return _mse if loss == "mse" else torch.nn.functional.cross_entropy
+
+
+def batch_tensors(x, y, like: torch.Tensor):
+    """``x`` and ``y`` as tensors on ``like``'s device: floating data in ``like``'s dtype (float64 NumPy
+    arrays into a float32 model, as Keras does), integer labels as int64 (what ``cross_entropy`` needs)."""
+    out = []
+    for a in (x, y):
+        t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+        out.append(t.to(device=like.device, dtype=like.dtype if t.is_floating_point() else torch.int64))
+    return out
 
 
 def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip_norm: float | None = None,
@@ -169,10 +197,10 @@ def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip
     steps = _checks.integer("steps", steps, minimum=1)
     from gradtools.torch.clip import clip_grad_norm_
 
-    xt = torch.as_tensor(x)
-    yt = torch.as_tensor(y)
+    params = list(model.parameters())
+    xt, yt = batch_tensors(x, y, params[0])
     fn = _loss_fn(loss)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)

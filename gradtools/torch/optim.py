@@ -15,7 +15,7 @@ import torch
 
 from gradtools import _checks
 from gradtools.optim import TrainTrace, check_run, settings
-from gradtools.torch.models import _loss_fn, weight_penalty
+from gradtools.torch.models import _loss_fn, batch_tensors, weight_penalty
 from gradtools.torch.norms import get_total_norm
 
 __all__ = ["make_optimizer", "update_sizes", "train"]
@@ -96,7 +96,8 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         optimizer (torch.optim.Optimizer): over ``model.parameters()``.
         x, y: the whole training set (arrays or tensors).
         steps (int): optimizer steps.
-        loss (str): ``"mse"`` or ``"crossentropy"`` (integer labels, logits).
+        loss: ``"mse"``, ``"crossentropy"`` (integer labels, logits) or a
+            callable ``loss(output, target)``.
         scheduler: an ``LRScheduler`` on ``optimizer``, stepped after every step.
         spike_at (int or None): the step whose gradient is multiplied.
         spike_factor (float): the multiplier, default 1000.
@@ -122,10 +123,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    # Floating data takes the model's dtype (float64 NumPy arrays into a float32
-    # model, as Keras does); integer labels stay integers.
-    xt, yt = (torch.as_tensor(a) for a in (x, y))
-    xt, yt = (a.to(params[0].dtype) if a.is_floating_point() else a for a in (xt, yt))
+    xt, yt = batch_tensors(x, y, params[0])
     rows = []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
