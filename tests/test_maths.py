@@ -80,7 +80,7 @@ def test_divergence_step_and_bad_input():
     with pytest.raises(ValueError, match=r"momentum must be in \[0.0, 1.0\), got 1.0"):
         maths.nesterov_threshold(1.0, 1.0)
     with pytest.raises(ValueError, match="init must be one of"):
-        models.init_mlp([2, 2], init="lecun")
+        models.init_mlp([2, 2], init="glorot")
     with pytest.raises(ValueError, match="condition must be >= 1"):
         data.random_quadratic(3, condition=0.5)
     assert maths.power_iteration(lambda v: [2.0 * v[0]], [(3,)], iters=5) == pytest.approx(2.0, rel=1e-12)
