@@ -90,6 +90,26 @@ def init_residual_mlp(in_features: int, width: int, blocks: int, out_features: i
     return weights
 
 
+def _norm_choice(norm):
+    """``norm`` checked: None or one of :data:`NORMS` (the backends' model builders share it)."""
+    if norm is not None:
+        _checks.choice("norm", norm, set(NORMS))
+    return norm
+
+
+def _residual_weights(weights) -> tuple[list, int]:
+    """``(weights as a list, width)`` for a residual MLP: a stem, square branches, a head."""
+    weights = list(weights)
+    if len(weights) < 3:
+        raise ValueError(f"weights must hold a stem, at least one block and a head, got {len(weights)} layer(s)")
+    width = np.shape(weights[0][0])[1]
+    for i, (kernel, _) in enumerate(weights[1:-1], start=1):
+        if tuple(np.shape(kernel)) != (width, width):
+            raise ValueError(f"weights[{i}] is a residual branch and must be ({width}, {width}), "
+                             f"got {tuple(np.shape(kernel))}")
+    return weights, width
+
+
 def init_rnn(input_size: int, hidden: int, spectral_radius: float, seed: int = 0, input_scale: float = 0.1,
              recurrent: str = "orthogonal"):
     """Weights of a vanilla RNN ``h_t = tanh(x_t W_in + h_{t-1} W_rec + b)`` with a linear read-out.

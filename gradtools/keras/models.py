@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from gradtools import _checks
-from gradtools.models import NORMS
+from gradtools.models import _norm_choice as _check_norm
+from gradtools.models import _residual_weights
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -13,12 +14,6 @@ keras = import_keras()
 __all__ = ["mlp", "residual_mlp", "train_full_batch", "loss_gradients", "weight_penalty"]
 
 _ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "linear": None, "leaky_relu": "leaky_relu"}
-
-
-def _check_norm(norm):
-    if norm is not None:
-        _checks.choice("norm", norm, set(NORMS))
-    return norm
 
 
 def _norm_layer(norm, name: str):
@@ -97,14 +92,7 @@ def residual_mlp(weights, activation: str = "relu", norm: str | None = None, pla
     _checks.choice("activation", activation, set(_ACTIVATIONS))
     norm = _check_norm(norm)
     placement = _checks.choice("placement", placement, {"pre", "post"})
-    weights = list(weights)
-    if len(weights) < 3:
-        raise ValueError(f"weights must hold a stem, at least one block and a head, got {len(weights)} layer(s)")
-    width = np.shape(weights[0][0])[1]
-    for i, (kernel, _) in enumerate(weights[1:-1], start=1):
-        if tuple(np.shape(kernel)) != (width, width):
-            raise ValueError(f"weights[{i}] is a residual branch and must be ({width}, {width}), "
-                             f"got {tuple(np.shape(kernel))}")
+    weights, _ = _residual_weights(weights)
 
     def dense(i):
         return keras.layers.Dense(np.shape(weights[i][0])[1], name=f"dense_{i}", kernel_regularizer=kernel_regularizer)

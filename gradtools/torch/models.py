@@ -6,18 +6,13 @@ import numpy as np
 import torch
 
 from gradtools import _checks
-from gradtools.models import NORMS
+from gradtools.models import _norm_choice as _check_norm
+from gradtools.models import _residual_weights
 
 __all__ = ["mlp", "residual_mlp", "ResidualMLP", "train_full_batch", "weight_penalty"]
 
 _ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "linear": torch.nn.Identity,
                 "leaky_relu": lambda: torch.nn.LeakyReLU(0.01)}
-
-
-def _check_norm(norm):
-    if norm is not None:
-        _checks.choice("norm", norm, set(NORMS))
-    return norm
 
 
 def _norm_layer(norm, width: int) -> torch.nn.Module:
@@ -78,14 +73,7 @@ class ResidualMLP(torch.nn.Module):
         _checks.choice("activation", activation, set(_ACTIVATIONS))
         self.norm = _check_norm(norm)
         self.placement = _checks.choice("placement", placement, {"pre", "post"})
-        weights = list(weights)
-        if len(weights) < 3:
-            raise ValueError(f"weights must hold a stem, at least one block and a head, got {len(weights)} layer(s)")
-        width = np.shape(weights[0][0])[1]
-        for i, (kernel, _) in enumerate(weights[1:-1], start=1):
-            if tuple(np.shape(kernel)) != (width, width):
-                raise ValueError(f"weights[{i}] is a residual branch and must be ({width}, {width}), "
-                                 f"got {tuple(np.shape(kernel))}")
+        weights, width = _residual_weights(weights)
         self.stem = _linear(*weights[0])
         self.blocks = torch.nn.ModuleList(_linear(*w) for w in weights[1:-1])
         # pre: a norm before every branch and one before the head; post: one after every addition
