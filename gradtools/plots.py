@@ -145,7 +145,11 @@ def curves(x, series: dict, xlabel: str, ylabel: str, title: str, logx: bool = F
     if reference is not None:
         ax.axhline(reference, color=PALETTE["threshold"], ls=":", lw=1)
     if logx:
-        ax.set_xscale("log", base=2 if np.all(np.log2(x) % 1 == 0) else 10)
+        if np.any(x <= 0):
+            raise ValueError(f"logx needs positive x values, got {x.tolist()}")
+        ax.set_xscale("log")
+        ax.set_xticks(x, labels=[f"{v:g}" for v in x])  # the grid itself, not powers of ten
+        ax.minorticks_off()
     return _finish(fig, ax, xlabel, ylabel, title, logy=logy)
 
 

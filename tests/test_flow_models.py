@@ -290,3 +290,35 @@ def test_more_arguments_are_named():
             models.init_residual_mlp(**args)
     with pytest.raises(ValueError, match="recurrent"):
         models.init_rnn(2, 4, 1.0, recurrent="unitary")
+
+
+def test_multi_input_models_train_and_subclassed_ones_measure():
+    """The trainers take what layer_gradients takes; a subclassed model with two inputs works too."""
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    out = keras.layers.Dense(1)(keras.layers.Concatenate()([keras.layers.Dense(4)(a), b]))
+    model = keras.Model([a, b], out)
+    xa, xb, y = np.ones((5, 3), np.float32), np.ones((5, 2), np.float32), np.zeros((5, 1), np.float32)
+    for x in ([xa, xb], {"a": xa, "b": xb}):
+        assert np.all(np.isfinite(gk.train(model, keras.optimizers.SGD(0.01), x, y, steps=2).losses))
+        assert np.all(np.isfinite(gk.train_full_batch(model, x, y, lr=0.01, steps=2)))
+
+    class Two(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.da, self.out = keras.layers.Dense(4), keras.layers.Dense(1)
+
+        def call(self, inputs):
+            first, second = inputs
+            return self.out(keras.ops.concatenate([self.da(first), second], axis=-1))
+
+    flow = gk.layer_gradients(Two(), [xa, xb], y)
+    assert len(flow.names) == 2 and np.all(flow.grad_norms > 0)
+
+
+def test_keras_penalty_of_mixed_precision_layers():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2, dtype="float64")])
+    expected = sum(0.1 * np.abs(k).sum() + 0.1 * np.square(k).sum() for k in
+                   (model.layers[0].kernel.numpy(), model.layers[1].kernel.numpy()))
+    assert float(gk.weight_penalty(model, l1=0.1, l2=0.1)) == pytest.approx(expected, rel=1e-5)
+    flow = gk.layer_gradients(model, np.ones((8, 4), np.float32), np.zeros((8, 2)), l2=0.1)
+    assert np.all(np.isfinite(flow.grad_norms))

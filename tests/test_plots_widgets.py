@@ -180,3 +180,10 @@ def test_switch_of_none_and_strings():
     assert s.widget().output.outputs[0]["text"] == "norm None\n"
     with pytest.raises(ValueError, match="curves|one value per x"):
         plots.curves([1, 2], {"a": [[1, 2], [3, 4]]}, "x", "y", "t")
+
+
+def test_curves_log_x_ticks_are_the_grid():
+    fig = plots.curves([3, 6, 12, 24], {"a": [1, 2, 3, 4]}, "x", "y", "t", logx=True)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["3", "6", "12", "24"]
+    with pytest.raises(ValueError, match="logx needs positive x"):
+        plots.curves([0, 1], {"a": [1, 2]}, "x", "y", "t", logx=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradtools import _checks
-from gradtools.keras.models import _loss, regularization
+from gradtools.keras.models import _as_inputs, _as_targets, _loss, regularization
 from gradtools.runtime import import_keras
 from gradtools.stats import LayerGradients
 
@@ -30,16 +30,6 @@ keras = import_keras()
 import tensorflow as tf  # noqa: E402
 
 __all__ = ["layer_gradients", "LayerGradients"]
-
-
-def _as_inputs(model, x):
-    """One tensor, or one per input of a multi-input model (a list, tuple or dict of arrays)."""
-    several = len(getattr(model, "inputs", None) or []) > 1
-    if isinstance(x, dict):
-        return {k: tf.convert_to_tensor(v) for k, v in x.items()}
-    if several and isinstance(x, (list, tuple)):
-        return [tf.convert_to_tensor(v) for v in x]
-    return x if tf.is_tensor(x) else tf.convert_to_tensor(np.asarray(x))
 
 
 def layer_gradients(model, x, y, loss="mse", l1: float = 0.0, l2: float = 0.0,
@@ -65,9 +55,7 @@ def layer_gradients(model, x, y, loss="mse", l1: float = 0.0, l2: float = 0.0,
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
     fn = _loss(loss)
     l1, l2 = _checks.non_negative("l1", l1), _checks.non_negative("l2", l2)
-    xt = _as_inputs(model, x)
-    if isinstance(y, (list, tuple)) and len(getattr(model, "outputs", None) or []) <= 1:
-        y = np.asarray(y)
+    xt, y = _as_inputs(model, x), _as_targets(model, y)
     with tf.GradientTape() as tape:  # watches every trainable variable the call touches, built here or before
         value = fn(y, model(xt, training=training))
         value = value + regularization(model, l1, l2, dtype=value.dtype)

@@ -10,6 +10,7 @@ from gradtools.models import _residual_weights
 from gradtools.runtime import import_keras
 
 keras = import_keras()
+import tensorflow as tf  # noqa: E402
 
 __all__ = ["mlp", "residual_mlp", "train_full_batch", "loss_gradients", "weight_penalty"]
 
@@ -130,13 +131,37 @@ def weight_penalty(model, l1: float = 0.0, l2: float = 0.0):
     l1 = _checks.non_negative("l1", l1)
     l2 = _checks.non_negative("l2", l2)
     mats = [v for v in model.trainable_variables if len(v.shape) >= 2]
-    total = keras.ops.zeros((), dtype=mats[0].dtype if mats else "float32")
+    dtype = "float64" if any(str(w.dtype) == "float64" for w in mats) else "float32"  # the widest
+    total = keras.ops.zeros((), dtype=dtype)
     for w in mats:
         if l1:
-            total = total + l1 * keras.ops.sum(keras.ops.abs(w))
+            total = total + keras.ops.cast(l1 * keras.ops.sum(keras.ops.abs(w)), dtype)
         if l2:
-            total = total + l2 * keras.ops.sum(keras.ops.square(w))
+            total = total + keras.ops.cast(l2 * keras.ops.sum(keras.ops.square(w)), dtype)
     return total
+
+
+def _as_inputs(model, x):
+    """``x`` as the model takes it: one tensor, or one per input (a dict, or a list or tuple of arrays).
+
+    A list or tuple is several inputs when the model declares several, or, for a
+    subclassed model that declares none, when it holds arrays or tensors; a list of
+    plain numbers or rows is one input.
+    """
+    if isinstance(x, dict):
+        return {k: tf.convert_to_tensor(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and x:
+        declared = len(getattr(model, "inputs", None) or [])
+        if declared > 1 or (declared == 0 and all(hasattr(v, "shape") for v in x)):
+            return [tf.convert_to_tensor(v) for v in x]
+    return x if tf.is_tensor(x) else tf.convert_to_tensor(np.asarray(x))
+
+
+def _as_targets(model, y):
+    """``y`` as a tensor, unless the model has several outputs (then as given)."""
+    if len(getattr(model, "outputs", None) or []) > 1:
+        return y
+    return y if tf.is_tensor(y) else tf.convert_to_tensor(np.asarray(y))
 
 
 def _loss(loss):
@@ -173,14 +198,12 @@ def train_full_batch(model, x, y, lr: float, steps: int, loss: str = "mse", clip
     per-epoch overhead. As in ``fit()``, the model's regularization losses
     (``model.losses``) are added to the loss.
     """
-    import tensorflow as tf
-
     lr = _checks.positive("lr", lr)
     steps = _checks.integer("steps", steps, minimum=1)
     kwargs = {} if clip_norm is None else {"global_clipnorm": _checks.positive("clip_norm", clip_norm)}
     opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum, **kwargs)
     fn = _loss(loss)
-    xt, yt = tf.constant(x), tf.constant(y)
+    xt, yt = _as_inputs(model, x), _as_targets(model, y)
     variables = model.trainable_variables
     opt.build(variables)
 
@@ -203,8 +226,6 @@ def loss_gradients(model, x, y, loss: str = "mse") -> list:
     ``loss`` is ``"mse"`` or ``"crossentropy"`` (integer labels, logits), as in
     :func:`train_full_batch`.
     """
-    import tensorflow as tf
-
     fn = _loss(loss)
     with tf.GradientTape() as tape:
         value = fn(y, model(x, training=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradtools import _checks
-from gradtools.keras.models import _loss, regularization
+from gradtools.keras.models import _as_inputs, _as_targets, _loss, regularization
 from gradtools.keras.norms import get_total_norm
 from gradtools.optim import TrainTrace, check_run, settings
 from gradtools.runtime import import_keras
@@ -113,9 +113,9 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
     steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
     l1, l2 = _checks.non_negative("l1", l1), _checks.non_negative("l2", l2)
     fn = _loss(loss)
-    xt, yt = tf.constant(x), tf.constant(y)
+    xt, yt = _as_inputs(model, x), _as_targets(model, y)
     if not model.built:
-        model(xt[:1])
+        model(xt)
     variables = model.trainable_variables
     if not variables:
         raise ValueError("model has no trainable variables")
