@@ -85,18 +85,20 @@ class StepDecider:
         """Second half of a ``"zero"`` decision: the bad entries were zeroed, ``norm`` re-measured."""
         return self._finish(norm, zeroed=True)
 
-    def decide(self, norm: float, first_bad: str | None = None, bad_count: int = 0) -> Decision:
+    def decide(self, norm: float, first_bad: str | None = None, bad_count: int = 0, note: str = "") -> Decision:
         """``norm``: the global norm; ``first_bad``: name of the first non-finite variable, or None.
 
         A decision with reason ``"zero"`` asks the caller to zero the non-finite
-        entries, re-measure the norm and call :meth:`after_zeroing`.
+        entries, re-measure the norm and call :meth:`after_zeroing`, which checks
+        the zeroed gradient for spikes like any other. ``note`` is appended to the
+        ``NonFiniteGradientError`` message.
         """
         self.steps += 1
         if first_bad is not None:
             if self.action == "raise":
                 raise NonFiniteGradientError(
                     f"non-finite gradient at step {self.steps}: first in {self.kind} {first_bad!r} "
-                    f"({bad_count} non-finite entries in all)"
+                    f"({bad_count} non-finite entries in all){note}"
                 )
             if self.action == "skip":
                 return self._skip("nonfinite")
@@ -104,7 +106,8 @@ class StepDecider:
         return self._finish(norm, zeroed=False)
 
     def _finish(self, norm: float, zeroed: bool) -> Decision:
-        if self.spike is not None and not zeroed and self.spike.step(norm):
+        # A zeroed gradient is checked too: zeroing a NaN must not let a x1000 spike through.
+        if self.spike is not None and self.spike.step(norm):
             return self._skip("spike")
         threshold = self.policy.step(norm) if self.policy is not None else math.inf
         self.consecutive_skips = 0

@@ -283,7 +283,10 @@ class SpikeDetector(Policy):
     ``x > min_ratio * mean``: the second condition keeps a flat history, whose
     standard deviation is tiny, from flagging ordinary noise.
     Non-finite values are always spikes. Spikes are not added to the window, so
-    one bad step does not raise the bar for the next. This is the test behind
+    one bad step does not raise the bar for the next. A value of exactly 0 (a
+    loss weight warmed up from 0, a fully masked batch) carries no scale: it is
+    neither a spike nor remembered, so a history of zeros cannot make every
+    later value a spike. This is the test behind
     "skip the step" in large-scale training (OLMo-core skips on a z-score of
     the loss or gradient norm).
 
@@ -335,6 +338,8 @@ class SpikeDetector(Policy):
     def _is_outlier(self, value: float, history) -> bool:
         if not math.isfinite(value):
             return True
+        if value == 0.0:
+            return False
         z = self.zscore(value, history)
         if not (math.isfinite(z) and z > self.z_thresh):
             return False
@@ -351,8 +356,9 @@ class SpikeDetector(Policy):
         if spike:
             self.spikes += 1
             return True
-        self.norms.append(g)
-        if l_val is not None:
+        if g != 0.0:
+            self.norms.append(g)
+        if l_val is not None and l_val != 0.0:
             self.losses.append(l_val)
         return False
 

@@ -97,6 +97,20 @@ def test_spike_detector():
     assert flat.step(1.2) is False and flat.step(1.6) is True
 
 
+def test_a_history_of_zero_norms_tells_nothing_and_never_locks_the_detector():
+    # A loss weight warmed up from 0, or fully masked batches: the gradient is exactly 0.
+    d = SpikeDetector(window=10, z_thresh=3.0, min_history=5)
+    assert not any(d.step(0.0) for _ in range(10))
+    ramp = [0.01 * (i + 1) for i in range(20)]  # the warm-up then raises the weight
+    assert not any(d.step(x) for x in ramp)
+    assert d.step(10.0) is True and d.spikes == 1  # and spikes are caught again
+    assert 0.0 not in d.norms and len(d.norms) == 10
+    # the same for the loss
+    d = SpikeDetector(window=10, z_thresh=3.0, min_history=5)
+    assert not any(d.step(1.0, loss=0.0) for _ in range(10))
+    assert not d.step(1.0, loss=0.5)
+
+
 def test_state_dict_mismatch_errors():
     a = AutoClip(percentile=10)
     with pytest.raises(ValueError, match="ZClip"):

@@ -134,7 +134,6 @@ def test_clipper_reports_before_and_after(policy):
     (lambda m: gt.clip_grad_norm_(m, math.inf), ValueError, "max_norm must be a positive finite number, got inf"),
     (lambda m: gt.clip_grad_norm_(m, "1"), TypeError, "max_norm must be a real number, got '1'"),
     (lambda m: gt.clip_grad_norm_(m, 1.0, norm_type=-2), ValueError, "norm_type must be a number >= 1 or inf \\(a p-norm\\), got -2"),
-    (lambda m: gt.clip_grad_norm_([], 1.0), ValueError, "parameters is empty"),
     (lambda m: gt.clip_grad_norm_(42, 1.0), TypeError, "parameters must be a torch.nn.Module, a Tensor or an iterable"),
     (lambda m: gt.clip_grad_norm_([1.0, 2.0], 1.0), TypeError, r"parameters\[0\] must be a Tensor, got float"),
     (lambda m: gt.clip_grad_value_(m, 0.0), ValueError, "clip_value must be a positive finite number, got 0.0"),
@@ -171,3 +170,65 @@ def test_clipping_takes_model_parameters_a_generator_read_once():
     assert float(gt.get_total_norm([p.grad for p in m.parameters()])) == pytest.approx(0.1, rel=1e-4)
     r = gt.Clipper(0.05)(m.parameters())
     assert r.clipped and float(gt.get_total_norm([p.grad for p in m.parameters()])) == pytest.approx(0.05, rel=1e-4)
+
+
+def _forms(model):
+    """The forms ``torch.nn.utils`` accepts, plus gradtools' Module and named_parameters()."""
+    return {"generator": lambda: model.parameters(), "list": lambda: list(model.parameters()),
+            "named": lambda: model.named_parameters(), "module": lambda: model}
+
+
+def _run_form(name, call):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    m(torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).sum().backward()
+    out = call(_forms(m)[name]())
+    return out, [p.grad.clone() for p in m.parameters()]
+
+
+CALLS = {
+    "clip_grad_norm_": lambda p: gt.clip_grad_norm_(p, 0.1),
+    "clip_grad_value_": lambda p: gt.clip_grad_value_(p, 0.05),
+    "clip_grads_with_norm_": lambda p: gt.clip_grads_with_norm_(p, 0.1, torch.tensor(2.0)),
+    "adaptive_clip_grad_": lambda p: gt.adaptive_clip_grad_(p, clip_factor=0.01),
+    "Clipper": lambda p: gt.Clipper(0.05)(p).norm_before,
+    "Clipper.clip_to": lambda p: gt.Clipper(0.05).clip_to(p, 0.02).norm_after,
+    "grad_stats": lambda p: gt.grad_stats(p).total,
+    "snapshot": lambda p: torch.stack([t.sum() for t in gt.snapshot(p)]),
+}
+
+
+@pytest.mark.parametrize("form", ["generator", "named", "module"])
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_every_function_reads_its_parameters_once_with_the_result_of_a_list(name, form):
+    want, want_grads = _run_form("list", CALLS[name])
+    got, got_grads = _run_form(form, CALLS[name])
+    assert (got is None) == (want is None)
+    if want is not None:
+        assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    untouched = _run_form("list", lambda p: None)[1]
+    changed = not all(torch.equal(a, b) for a, b in zip(got_grads, untouched))
+    assert changed == (name not in ("grad_stats", "snapshot"))  # each clipping function did clip
+
+
+@pytest.mark.parametrize("empty", [lambda: [], lambda: torch.nn.ReLU(), lambda: torch.nn.ReLU().parameters(),
+                                   lambda: iter([])], ids=["list", "module", "generator", "iterator"])
+@pytest.mark.filterwarnings("ignore:`parameters` is an empty generator")  # torch's own, on the reference call
+def test_no_parameters_gives_what_torch_nn_utils_gives(empty):
+    for_torch = (lambda: torch.nn.ReLU().parameters()) if isinstance(empty(), torch.nn.Module) else empty
+    assert torch.equal(gt.clip_grad_norm_(empty(), 1.0), torch.nn.utils.clip_grad_norm_(for_torch(), 1.0))
+    assert torch.equal(gt.get_total_norm([]), torch.nn.utils.get_total_norm([]))  # it takes tensors, not modules
+    # torch.nn.utils.clip_grad_value_([]) fails inside a foreach kernel; ours is the no-op it means
+    assert gt.clip_grad_value_(empty(), 1.0) is None
+    assert gt.clip_grads_with_norm_(empty(), 1.0, torch.tensor(2.0)) is None
+    assert int(gt.adaptive_clip_grad_(empty())) == 0
+    policy = AutoClip()
+    r = gt.Clipper(policy)(empty())
+    assert (float(r.norm_before), r.clipped, policy.steps) == (0.0, False, 0)  # the policy saw nothing
+
+
+def test_parameters_without_gradients_give_what_torch_nn_utils_gives():
+    m = torch.nn.Linear(3, 2)  # no backward yet: every grad is None
+    assert torch.equal(gt.clip_grad_norm_(m.parameters(), 1.0), torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0))
+    assert gt.clip_grad_value_(m.parameters(), 1.0) is None

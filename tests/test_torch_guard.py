@@ -204,3 +204,50 @@ def test_loss_scale_overflows_are_counted_apart_and_never_raise_too_many_skips()
     assert reasons[:4] == ["overflow"] * 4  # more in a row than max_consecutive_skips, no error
     assert guard.overflows == reasons.count("overflow") and guard.skipped == 0
     assert "ok" in reasons  # the scale came down far enough to step
+
+
+def test_the_guard_checks_what_the_optimizer_applies_not_what_the_model_holds():
+    model = tiny_mlp()
+    log_temp = torch.nn.Parameter(torch.zeros(()))
+    opt = torch.optim.SGD([*model.parameters(), log_temp], lr=0.1)
+    guard = gt.GradGuard(model, opt, action="raise")
+    backward(model)
+    log_temp.grad = torch.tensor(math.nan)
+    with pytest.raises(gt.NonFiniteGradientError, match=r"param_groups\[0\]\[4\]"):
+        guard.step()
+    assert torch.isfinite(log_temp)
+    # the name comes from the model where it can: a model parameter is named by its path
+    backward(model)
+    log_temp.grad = torch.tensor(0.5)
+    model[2].bias.grad[0] = math.inf
+    with pytest.raises(gt.NonFiniteGradientError, match="'2.bias'"):
+        guard.step()
+
+
+def test_a_model_parameter_the_optimizer_does_not_own_is_neither_checked_nor_clipped():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)  # trains only the last layer
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    guard = gt.GradGuard(model, opt, scaler=scaler, clipper=gt.Clipper(1.0))
+    opt.zero_grad()
+    model.zero_grad(set_to_none=True)
+    scaler.scale(model(torch.ones(4, 5)).pow(2).mean()).backward()  # model[0] keeps its scaled grad
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in model[2].parameters()])) / 2.0**16
+    result = guard.step()
+    assert result.stepped and float(result.stats.total) == pytest.approx(want, rel=1e-6)
+    assert result.stats.names == ["2.weight", "2.bias"]
+
+
+def test_zeroing_nonfinite_entries_does_not_exempt_a_step_from_spike_detection():
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gt.GradGuard(model, opt, action="zero", spike=SpikeDetector(window=20, min_history=3))
+    for step in range(6):
+        backward(model, seed=step)
+        assert guard.step().stepped
+    backward(model, seed=6, scale=1e3)
+    model[0].weight.grad[0, 0] = math.nan
+    before = state_copy(model, opt)
+    result = guard.step()
+    assert (result.stepped, result.reason) == (False, "spike")
+    assert_bit_identical(before, state_copy(model, opt))

@@ -204,3 +204,45 @@ def test_lr_range_test_draws_batches_lazily():
     r = gt.lr_range_test(model, opt, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches,
                          start_lr=1e-4, end_lr=1e-2, num_steps=5)
     assert len(r.lrs) == 5
+
+
+def test_the_accumulator_keeps_stepping_after_a_caught_guard_error():
+    x, y = _data(16)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = gt.Accumulator(model, opt, 2, guard=gt.GradGuard(model, opt, action="raise"))
+    stepped = []
+    for w in range(3):
+        for k in range(2):
+            xb = x[8 * k:8 * k + 8].clone()
+            if w == 1 and k == 1:
+                xb[0, 0] = float("nan")
+            try:
+                stepped.append(acc.backward(torch.nn.functional.mse_loss(model(xb), y[:8]), batch_size=8))
+            except gt.NonFiniteGradientError:
+                stepped.append("error")
+                assert all(p.grad is None for p in model.parameters())  # the bad window is gone
+    assert stepped == [False, True, False, "error", False, True]
+    assert (acc.micro_step, acc.samples, acc.windows, acc.optimizer_steps) == (0, 0, 3, 2)
+
+
+@pytest.mark.parametrize("with_guard", [False, True])
+def test_the_accumulators_monitor_records_the_window_mean_gradient_before_clipping(with_guard):
+    x, y = _data(24)
+    model, big = tiny_mlp(), tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = gt.Monitor(model, track_updates=True)
+    clipper = gt.Clipper(1e-3)
+    guard = gt.GradGuard(model, opt) if with_guard else None
+    acc = gt.Accumulator(model, opt, 3, clipper=clipper, guard=guard, monitor=monitor)
+    for k, n in enumerate((8, 8, 8)):
+        acc.backward(torch.nn.functional.mse_loss(model(x[8 * k:8 * k + n]), y[8 * k:8 * k + n]), batch_size=n)
+    torch.nn.functional.mse_loss(big(x), y).backward()  # the large-batch gradient of the same window
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in big.parameters()]))
+    h = monitor.history
+    assert h["step"] == [1] and h["total_norm"][0] == pytest.approx(want, rel=1e-5) and want > 1e-2
+    assert h["update_ratio"]["0.weight"][0] > 0  # after_step ran after the optimizer step
+    if with_guard:
+        assert guard.monitor is monitor
+    with pytest.raises(ValueError, match="monitor and guard.monitor are both set and differ"):
+        gt.Accumulator(model, opt, 3, guard=gt.GradGuard(model, opt, monitor=gt.Monitor(model)), monitor=monitor)

@@ -8,7 +8,12 @@ micro-batches of unequal size and for a partial last window (a fixed
 
 Clipping, the guard and statistics run once, at the boundary, on the
 accumulated gradient: clipping each micro-batch's gradient would clip a
-different quantity. Under ``DistributedDataParallel`` wrap each micro-batch's
+different quantity. Give the accumulator a :class:`~gradtools.torch.Monitor`
+(``monitor=``) to record that window-mean gradient, before it is clipped; a
+``Monitor.record()`` of your own would see a partial sum inside the window and
+nothing after it. Under mixed precision back-propagate ``scaler.scale(loss)``
+and give the scaler to the guard: the guard unscales at the boundary, and the
+monitor records after it. Under ``DistributedDataParallel`` wrap each micro-batch's
 forward *and* backward in ``with acc.accumulate(batch_size):``: DDP decides in
 the forward pass whether the backward will all-reduce, so ``no_sync()`` must
 already be active there. Gradients are then all-reduced once per window.
@@ -25,7 +30,8 @@ import contextlib
 import torch
 
 from gradtools import _checks
-from gradtools.torch.norms import named_grads
+from gradtools.torch.monitor import Monitor
+from gradtools.torch.norms import optimizer_parameters
 
 __all__ = ["Accumulator"]
 
@@ -39,7 +45,11 @@ class Accumulator:
         accumulation_steps (int): micro-batches per optimizer step, >= 1.
         clipper (gradtools.torch.clip.Clipper or None): applied at the boundary.
         guard (gradtools.torch.guard.GradGuard or None): steps the optimizer at the boundary (and may skip).
+            When it raises, the window is closed all the same (its gradients are
+            dropped), so a loop that catches the error goes on stepping.
         reduction (str): ``"mean"`` (the loss is a per-sample mean, default) or ``"sum"``.
+        monitor (gradtools.torch.Monitor or None): records the window-mean gradient at
+            each boundary, before clipping (through the guard, if there is one).
 
     Example:
         >>> import torch
@@ -58,7 +68,8 @@ class Accumulator:
                 acc.backward(loss_fn(model(xb), yb))
     """
 
-    def __init__(self, model, optimizer, accumulation_steps: int, clipper=None, guard=None, reduction: str = "mean"):
+    def __init__(self, model, optimizer, accumulation_steps: int, clipper=None, guard=None, reduction: str = "mean",
+                 monitor=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -70,8 +81,15 @@ class Accumulator:
             if guard.clipper is not None and guard.clipper is not clipper:
                 raise ValueError("clipper and guard.clipper are both set and differ: give the clipper to one of them")
             guard.clipper = clipper  # the guard clips after checking, before stepping
+        if monitor is not None and not isinstance(monitor, Monitor):
+            raise TypeError(f"monitor must be a gradtools.torch.Monitor or None, got {type(monitor).__name__}")
+        if guard is not None and monitor is not None:
+            if guard.monitor is not None and guard.monitor is not monitor:
+                raise ValueError("monitor and guard.monitor are both set and differ: give the monitor to one of them")
+            guard.monitor = monitor  # the guard records after unscaling, before clipping
         self.clipper = clipper
         self.guard = guard
+        self.monitor = monitor
         self.reduction = _checks.choice("reduction", reduction, {"mean", "sum"})
         self.micro_step = 0
         self.samples = 0
@@ -154,20 +172,27 @@ class Accumulator:
 
     @torch.no_grad()
     def _step(self) -> bool:
-        _, grads = named_grads(self.model)
-        if self.reduction == "mean":
-            torch._foreach_div_(grads, float(self.samples))
-        stepped = True
-        if self.guard is not None:
-            self.last_guard = self.guard.step()
-            stepped = self.last_guard.stepped
-        else:
-            if self.clipper is not None:
-                self.last_clip = self.clipper(self.model)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.windows += 1
-        self.optimizer_steps += int(stepped)
-        self.micro_step = 0
-        self.samples = 0
+        stepped = False
+        try:
+            params = [p for p in optimizer_parameters(self.optimizer) if p.grad is not None]
+            if self.reduction == "mean" and params:
+                torch._foreach_div_([p.grad for p in params], float(self.samples))
+            if self.guard is not None:
+                self.last_guard = self.guard.step()
+                stepped = self.last_guard.stepped
+            else:
+                if self.monitor is not None:
+                    self.monitor.record()
+                if self.clipper is not None:
+                    self.last_clip = self.clipper(params)
+                self.optimizer.step()
+                stepped = True
+                if self.monitor is not None:
+                    self.monitor.after_step()
+        finally:  # a guard error closes the window too: a caught error must not stall the loop
+            self.optimizer.zero_grad(set_to_none=True)
+            self.windows += 1
+            self.optimizer_steps += int(stepped)
+            self.micro_step = 0
+            self.samples = 0
         return stepped

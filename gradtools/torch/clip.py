@@ -3,9 +3,10 @@
 * :func:`clip_grad_norm_` and :func:`clip_grad_value_` take the same arguments,
   return the same values and have the same effect as their ``torch.nn.utils``
   namesakes, but reject bad thresholds with a clear error instead of silently
-  zeroing or NaN-ing every gradient. Two deliberate differences: an empty list of
-  parameters raises (an exhausted generator is a bug, not a zero norm), and the
-  threshold must be a Python number, not a tensor.
+  zeroing or NaN-ing every gradient. Like them they read ``parameters`` once (a
+  generator works), and no parameters, or none with a gradient, give what they give:
+  ``tensor(0.)`` from :func:`clip_grad_norm_`, ``None`` from the others. One
+  deliberate difference: the threshold must be a Python number, not a tensor.
 * :func:`adaptive_clip_grad_` is unit-wise adaptive gradient clipping (AGC,
   Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
   Normalization").
@@ -14,6 +15,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,10 +46,8 @@ def _once(parameters):
 
 
 def _grads_for_clip(parameters):
-    pairs = _named_parameters(parameters)
-    if not pairs:
-        raise ValueError("parameters is empty: there are no gradients to clip")
-    return [p.grad for _, p in pairs if p.grad is not None]
+    """The gradients to clip (none: ``[]``, as ``torch.nn.utils`` has it)."""
+    return [p.grad for _, p in _named_parameters(parameters) if p.grad is not None]
 
 
 @torch.no_grad()
@@ -84,14 +85,16 @@ def clip_grad_norm_(
     all gradients together (Pascanu et al., 2013).
 
     Args:
-        parameters: a Module, a Tensor, or an iterable of Tensors.
+        parameters: a Module, a Tensor, or an iterable (a generator is read once)
+            of Tensors or of ``(name, tensor)`` pairs.
         max_norm (float): positive finite threshold.
         norm_type (float): p of the p-norm (``inf`` allowed), default 2.
         error_if_nonfinite (bool): raise ``RuntimeError`` if the norm is nan/inf.
         foreach (bool or None): use the foreach kernels (default: where supported).
 
     Returns:
-        The total norm before clipping, a 0-d tensor.
+        The total norm before clipping, a 0-d tensor; ``tensor(0.)`` when no
+        parameter has a gradient, as in ``torch.nn.utils``.
 
     Example:
         >>> import torch
@@ -171,8 +174,6 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     if isinstance(exclude, str):
         exclude = (exclude,)
     pairs = _named_parameters(parameters)
-    if not pairs:
-        raise ValueError("parameters is empty: there are no gradients to clip")
     counts = []
     for name, p in pairs:
         if p.grad is None or any(name == e or name.startswith(e + ".") for e in exclude):
@@ -185,6 +186,11 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     if not counts:
         return torch.zeros((), dtype=torch.int64)
     return _stack(counts).sum()
+
+
+def _nothing_to_clip(threshold: float) -> ClipResult:
+    zero = torch.tensor(0.0)
+    return ClipResult(zero, zero, threshold, False)
 
 
 class Clipper(ClipperBase):
@@ -206,6 +212,17 @@ class Clipper(ClipperBase):
         False
     """
 
+    def __call__(self, parameters, stats=None, norm: float | None = None) -> ClipResult:
+        """Ask the policy for this step's threshold and clip to it.
+
+        With no gradients at all (every parameter frozen) nothing is clipped and the
+        policy is not consulted: a zero norm would enter its history.
+        """
+        parameters = _once(parameters)
+        if stats is None and not _grads_for_clip(parameters):
+            return _nothing_to_clip(math.inf)
+        return super().__call__(parameters, stats, norm)
+
     def _measure(self, parameters, stats, norm):
         """``(parameters, stats, norm)``, measuring what the caller did not pass."""
         parameters = _once(parameters)
@@ -222,6 +239,9 @@ class Clipper(ClipperBase):
         This is what :class:`~gradtools.torch.guard.GradGuard` calls: its decider asks the policy (so that a
         skipped step never enters the policy's history), then the clipper rescales.
         """
+        parameters = _once(parameters)
+        if stats is None and not _grads_for_clip(parameters):
+            return _nothing_to_clip(threshold)
         parameters, stats, norm = self._measure(parameters, stats, norm)
         total = stats.total
         if norm <= threshold:

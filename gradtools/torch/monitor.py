@@ -7,6 +7,14 @@ does nothing but increment a counter. Non-finite counts cost one scalar check
 per sampled step (see :mod:`gradtools.torch.norms`); ``count_nonfinite=False``
 makes recording entirely free of host syncs.
 
+Where to record: after ``backward()`` and before the gradients are clipped or
+stepped. Simplest is to hand the monitor to the guard or the accumulator
+(``GradGuard(..., monitor=m)``, ``Accumulator(..., monitor=m)``), which record at
+the right moment: after unscaling under a ``GradScaler``, on the window-mean
+gradient under accumulation. By hand under a scaler, follow PyTorch's recipe:
+``scaler.unscale_(opt); monitor.record(); guard.step()`` (before unscaling, the
+monitor would record the norms of the scaled loss).
+
 Example:
     >>> import torch
     >>> m = torch.nn.Linear(2, 1); opt = torch.optim.SGD(m.parameters(), lr=0.1)

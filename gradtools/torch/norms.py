@@ -69,6 +69,17 @@ def named_grads(parameters, arg: str = "parameters", *, require_grads: bool = Tr
     return [n for n, _ in kept], [g for _, g in kept]
 
 
+def optimizer_parameters(optimizer) -> list[torch.Tensor]:
+    """Every parameter ``optimizer.step()`` updates, in ``param_groups`` order, each once."""
+    seen, params = set(), []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
 _FOREACH_DEVICES = {"cpu", "cuda", "xpu", "mps"}
 
 
