@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import gradtools.keras as gk  # noqa: E402
 import gradtools.torch as gt  # noqa: E402
 from gradtools.models import init_mlp  # noqa: E402
-from gradtools.policies import AutoClip, Policy, register_policy  # noqa: E402
+from gradtools.policies import AutoClip, Policy, SpikeDetector, register_policy  # noqa: E402
 
 SIZES = [6, 16, 16, 3]
 
@@ -186,6 +186,32 @@ def test_functional_clipping_equals_torch_in_place_clipping(norm_type):
     gt.clip_grad_value_(tm, 0.01)
     assert max(float(tf.reduce_max(tf.abs(v))) for v in values) == pytest.approx(0.01)
     assert float(gk.grad_stats(grads, km, norm_type=norm_type).total) == pytest.approx(float(t_total), rel=1e-5)
+
+
+def test_zeroing_keeps_spike_detection_in_both_frameworks():
+    # A x1000 spike with one NaN in it: zeroing the NaN must not let the spike through.
+    x, y = _data(32)
+    w = init_mlp(SIZES, seed=4)
+    km, tm = gk.mlp(w, activation="tanh"), gt.mlp(w, activation="tanh")
+    kguard = gk.GradGuard(keras.optimizers.SGD(0.05), action="zero",
+                          spike=SpikeDetector(window=20, min_history=3))
+    topt = torch.optim.SGD(tm.parameters(), lr=0.05)
+    tguard = gt.GradGuard(tm, topt, action="zero", spike=SpikeDetector(window=20, min_history=3))
+    for step in range(6):
+        scale = 1e3 if step == 4 else 1.0
+        grads = [scale * g for g in gk.loss_gradients(km, x, y)]
+        topt.zero_grad()
+        (scale * torch.nn.functional.mse_loss(tm(torch.from_numpy(x)), torch.from_numpy(y))).backward()
+        if step == 4:
+            grads[0] = tf.tensor_scatter_nd_update(grads[0], [[0, 0]], [np.nan])
+            tm[0].weight.grad[0, 0] = math.nan
+        before = [v.numpy().copy() for v in km.trainable_variables]
+        assert bool(kguard.apply(grads, km.trainable_variables)) == tguard.step().stepped == (step != 4)
+        if step == 4:
+            assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, km.trainable_variables))
+    k, t = kguard.state_dict(), tguard.decider.state_dict()
+    assert (k["skipped"], k["spike"]["spikes"]) == (t["skipped"], t["spike"]["spikes"]) == (1, 1)
+    np.testing.assert_allclose(k["spike"]["norms"], t["spike"]["norms"], rtol=1e-5)
 
 
 def test_keras_guard_and_clipper_decide_like_torch_in_a_custom_loop():
