@@ -11,7 +11,9 @@ so ``json`` and ``torch.save`` both work) and ``get_config()`` /
 the uninterrupted run takes.
 
 Non-finite norms are never recorded: one NaN would otherwise poison every
-later threshold. Deciding what to do with a non-finite gradient is the job of a
+later threshold. Nor are norms of exactly 0 (a loss weight warmed up from 0, a
+fully masked batch): they carry no scale, and a history of zeros would clip
+every later gradient to 0. A zero gradient needs no clipping anyway. Deciding what to do with a non-finite gradient is the job of a
 guard (``gradtools.torch.GradGuard``), not of a clipping policy.
 """
 
@@ -38,6 +40,11 @@ def _norm_value(value, name: str = "norm") -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})") from None
+
+
+def _informative(value: float) -> bool:
+    """A norm worth remembering: finite and not exactly 0 (see the module docstring)."""
+    return math.isfinite(value) and value != 0.0
 
 
 class Policy:
@@ -167,7 +174,7 @@ class AutoClip(Policy):
     def step(self, norm) -> float:
         value = _norm_value(norm)
         self.steps += 1
-        if math.isfinite(value):
+        if _informative(value):
             self.history.append(value)
         return self.threshold()
 
@@ -252,7 +259,7 @@ class ZClip(Policy):
     def step(self, norm) -> float:
         g = _norm_value(norm)
         self.steps += 1
-        if not math.isfinite(g):
+        if not _informative(g):
             return self._ceiling(INF)
         if not self.initialized:
             self.buffer.append(g)
@@ -281,7 +288,8 @@ class SpikeDetector(Policy):
     Keeps the last ``window`` accepted values. Once ``min_history`` values are
     there, a value is a spike when ``(x - mean) / (std + eps) > z_thresh`` and
     ``x > min_ratio * mean``: the second condition keeps a flat history, whose
-    standard deviation is tiny, from flagging ordinary noise.
+    standard deviation is tiny, from flagging ordinary noise (for a negative
+    mean, a loss such as a negative log-likelihood: ``x - mean > (min_ratio - 1) |mean|``).
     Non-finite values are always spikes. Spikes are not added to the window, so
     one bad step does not raise the bar for the next. A value of exactly 0 (a
     loss weight warmed up from 0, a fully masked batch) carries no scale: it is
@@ -343,7 +351,11 @@ class SpikeDetector(Policy):
         z = self.zscore(value, history)
         if not (math.isfinite(z) and z > self.z_thresh):
             return False
-        return value > self.min_ratio * float(np.mean(np.fromiter(history, dtype=np.float64)))
+        mean = float(np.mean(np.fromiter(history, dtype=np.float64)))
+        if mean > 0:
+            return value > self.min_ratio * mean
+        # a negative mean (a log-likelihood loss): the same margin, (min_ratio - 1) |mean| above it
+        return value - mean > (self.min_ratio - 1.0) * abs(mean)
 
     def step(self, norm, loss=None) -> bool:
         """Record ``norm`` (and ``loss``) and return True if this step is a spike."""
@@ -356,7 +368,7 @@ class SpikeDetector(Policy):
         if spike:
             self.spikes += 1
             return True
-        if g != 0.0:
+        if g != 0.0:  # finite here: a non-finite value is a spike
             self.norms.append(g)
         if l_val is not None and l_val != 0.0:
             self.losses.append(l_val)

@@ -174,3 +174,23 @@ def test_get_policy_and_config_round_trip():
     for p in (FixedThreshold(3.0), AutoClip(5, 100), ZClip(0.9, 3.0, 10), SpikeDetector(20, 4.0, 5, 2.0)):
         clone = type(p).from_config(p.get_config())
         assert clone.get_config() == p.get_config() and repr(clone) == repr(p)
+
+
+@pytest.mark.parametrize("policy", [lambda: ZClip(warmup_steps=5), lambda: AutoClip(percentile=10)],
+                         ids=["zclip", "autoclip"])
+def test_zero_norms_never_lock_a_clipping_policy_at_zero(policy):
+    # A loss weight warmed up from 0: the first norms are exactly 0, then the real ones come.
+    p = policy()
+    assert all(p.step(0.0) == math.inf for _ in range(30))
+    rng = np.random.default_rng(0)
+    thresholds = [p.step(n) for n in 1.0 + 0.1 * rng.standard_normal(40)]
+    assert min(thresholds) > 0.5  # the policy learnt the scale of the real norms, not of the zeros
+    assert p.steps == 70
+
+
+def test_a_flat_history_of_negative_losses_does_not_flag_noise():
+    d = SpikeDetector(window=20, min_history=5)
+    for _ in range(20):
+        d.step(1.0, loss=-100.0)
+    assert not any(d.step(1.0, loss=-99.9) for _ in range(5))  # noise around a negative log-likelihood
+    assert d.step(1.0, loss=50.0) is True  # a real jump is still caught

@@ -200,3 +200,64 @@ def test_the_monitor_sees_unscaled_pre_clip_norms_in_both_supported_orders(order
     assert amp == pytest.approx(plain, rel=1e-6) and max(plain) > 0.01  # not the scaled (x1024) or clipped norm
     for a, b in zip(plain_model.parameters(), amp_model.parameters()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("use_scaler", [False, True])
+def test_finite_entries_whose_norm_overflows_float32_are_no_overflow_and_get_clipped(use_scaler):
+    # every entry is finite, but the float32 2-norm of 1e20-sized entries is inf
+    model = torch.nn.Linear(100, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=use_scaler)
+    guard = gt.GradGuard(model, opt, scaler=scaler, clipper=gt.Clipper(1.0))
+    w = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    scaler.scale(1e20 * model(torch.ones(4, 100)).mean()).backward()
+    result = guard.step()
+    assert (result.stepped, result.reason, guard.overflows) == (True, "ok", 0)
+    assert float(result.stats.total) == pytest.approx(math.sqrt(101) * 1e20, rel=1e-6)  # measured in float64
+    moved = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - w
+    assert float(moved.norm()) == pytest.approx(0.1, rel=1e-4)  # clipped to 1, then lr 0.1
+    assert scaler.get_scale() == (2.0**16 if use_scaler else 1.0)
+
+
+def test_one_scaler_cannot_serve_the_guards_of_two_optimizers():
+    a, b = tiny_mlp(0), tiny_mlp(1)
+    oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = gt.GradGuard(a, oa, scaler=scaler)
+    with pytest.raises(ValueError, match="scaler already belongs to a GradGuard of another optimizer"):
+        gt.GradGuard(b, ob, scaler=scaler)
+    gt.GradGuard(a, oa, scaler=scaler)  # a new guard for the same optimizer replaces the old one
+    del guard
+
+
+def test_accumulation_under_amp_is_pytorchs_loss_over_k_recipe():
+    # The micro-batch losses are weighted n_i / (k n_1), PyTorch's loss / k for equal sizes: the
+    # fp16 backward sees no larger gradients than in the plain recipe, so it overflows as often.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(640, 8, generator=g)
+    y = 10 * x.sum(1, keepdim=True)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        return model, torch.optim.SGD(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu")
+
+    def loss(model, i):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return torch.nn.functional.mse_loss(model(x[16 * i:16 * i + 16]).float(), y[16 * i:16 * i + 16])
+
+    ref, ref_opt, ref_scaler = fresh()
+    for w in range(10):
+        for i in range(4 * w, 4 * w + 4):
+            ref_scaler.scale(loss(ref, i) / 4).backward()
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+        ref_opt.zero_grad()
+    model, opt, scaler = fresh()
+    guard = gt.GradGuard(model, opt, scaler=scaler)
+    acc = gt.Accumulator(model, opt, 4, guard=guard)
+    for i in range(40):
+        acc.backward(scaler.scale(loss(model, i)), batch_size=16)
+    assert 0 < guard.overflows < 10 and scaler.get_scale() == ref_scaler.get_scale()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)

@@ -246,3 +246,28 @@ def test_the_accumulators_monitor_records_the_window_mean_gradient_before_clippi
         assert guard.monitor is monitor
     with pytest.raises(ValueError, match="monitor and guard.monitor are both set and differ"):
         gt.Accumulator(model, opt, 3, guard=gt.GradGuard(model, opt, monitor=gt.Monitor(model)), monitor=monitor)
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(clipper=1.0), TypeError, "clipper must be a gradtools Clipper or None, got float"),
+    (dict(guard=gt.Clipper(1.0)), TypeError, "guard must be a gradtools.torch.GradGuard or None, got Clipper"),
+])
+def test_the_accumulator_checks_its_clipper_and_guard(kwargs, exc, message):
+    model = tiny_mlp()
+    with pytest.raises(exc, match=message):
+        gt.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, **kwargs)
+
+
+def test_the_accumulator_averages_and_clears_model_parameters_the_optimizer_does_not_own():
+    x, y = _data(16)
+    model, big = tiny_mlp(), tiny_mlp()
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.0)  # the first layer stays trainable but is not stepped
+    monitor = gt.Monitor(model)
+    acc = gt.Accumulator(model, opt, 2, monitor=monitor)
+    for w in range(2):
+        for k in range(2):
+            acc.backward(torch.nn.functional.mse_loss(model(x[8 * k:8 * k + 8]), y[8 * k:8 * k + 8]), batch_size=8)
+    torch.nn.functional.mse_loss(big(x), y).backward()
+    want = float(big[0].weight.grad.norm())
+    assert monitor.history["norms"]["0.weight"] == pytest.approx([want, want], rel=1e-5)
+    assert model[0].weight.grad is None

@@ -1,10 +1,14 @@
 """Gradient accumulation that equals the large-batch gradient, clip and guard included.
 
-Each micro-batch's mean loss is back-propagated multiplied by its size; at the
-boundary the summed gradient is divided by the number of samples in the window.
-That is exactly the mean-loss gradient of the concatenated batch, also for
-micro-batches of unequal size and for a partial last window (a fixed
-``loss / accumulation_steps`` is wrong in both cases).
+Each micro-batch's mean loss is back-propagated weighted by ``n_i / (k n_1)``
+(``n_i`` its size, ``n_1`` the size of the window's first micro-batch, ``k =
+accumulation_steps``); at the boundary the sum is rescaled by ``k n_1 / N``, ``N``
+the samples in the window. That is exactly the mean-loss gradient of the
+concatenated batch, also for micro-batches of unequal size and for a partial last
+window, where a fixed ``loss / k`` is wrong. For equal sizes the weight is
+PyTorch's ``loss / k`` and there is nothing to rescale, so under a ``GradScaler``
+the half-precision backward sees gradients no larger than in PyTorch's recipe,
+and overflows no more often.
 
 Clipping, the guard and statistics run once, at the boundary, on the
 accumulated gradient: clipping each micro-batch's gradient would clip a
@@ -30,6 +34,7 @@ import contextlib
 import torch
 
 from gradtools import _checks
+from gradtools.torch.guard import GradGuard
 from gradtools.torch.monitor import Monitor
 from gradtools.torch.norms import optimizer_parameters
 
@@ -81,6 +86,10 @@ class Accumulator:
             if guard.clipper is not None and guard.clipper is not clipper:
                 raise ValueError("clipper and guard.clipper are both set and differ: give the clipper to one of them")
             guard.clipper = clipper  # the guard clips after checking, before stepping
+        if clipper is not None and not hasattr(clipper, "clip_to"):
+            raise TypeError(f"clipper must be a gradtools Clipper or None, got {type(clipper).__name__}")
+        if guard is not None and not isinstance(guard, GradGuard):
+            raise TypeError(f"guard must be a gradtools.torch.GradGuard or None, got {type(guard).__name__}")
         if monitor is not None and not isinstance(monitor, Monitor):
             raise TypeError(f"monitor must be a gradtools.torch.Monitor or None, got {type(monitor).__name__}")
         if guard is not None and monitor is not None:
@@ -93,6 +102,7 @@ class Accumulator:
         self.reduction = _checks.choice("reduction", reduction, {"mean", "sum"})
         self.micro_step = 0
         self.samples = 0
+        self._reference = 0  # k n_1 of the open window
         self.windows = 0  # windows closed, stepped or skipped by the guard
         self.optimizer_steps = 0  # windows whose step was taken
         self.last_clip = None
@@ -147,8 +157,12 @@ class Accumulator:
                 raise TypeError("batch_size must be an int, got None")
             batch_size = _checks.integer("batch_size", batch_size, minimum=1)
             boundary = bool(last) or self.micro_step + 1 == self.accumulation_steps
-        weight = float(batch_size) if self.reduction == "mean" else 1.0
-        (loss * weight).backward()
+        if self.reduction == "mean":
+            if self.micro_step == 0:
+                self._reference = batch_size * self.accumulation_steps  # k n_1
+            (loss / (self._reference / batch_size)).backward()  # loss / k when the sizes are equal
+        else:
+            loss.backward()
         self.micro_step += 1
         self.samples += batch_size
         if boundary:
@@ -170,13 +184,20 @@ class Accumulator:
                     p.grad.div_(world)
         return self._step()
 
+    def _window_parameters(self) -> list:
+        """The parameters holding this window's gradient: the optimizer's, then the model's others."""
+        params = optimizer_parameters(self.optimizer)
+        owned = {id(p) for p in params}
+        params += [p for p in self.model.parameters() if id(p) not in owned]
+        return [p for p in params if p.grad is not None]
+
     @torch.no_grad()
     def _step(self) -> bool:
         stepped = False
+        params = self._window_parameters()
         try:
-            params = [p for p in optimizer_parameters(self.optimizer) if p.grad is not None]
-            if self.reduction == "mean" and params:
-                torch._foreach_div_([p.grad for p in params], float(self.samples))
+            if self.reduction == "mean" and params and self.samples != self._reference:
+                torch._foreach_mul_([p.grad for p in params], self._reference / self.samples)
             if self.guard is not None:
                 self.last_guard = self.guard.step()
                 stepped = self.last_guard.stepped
@@ -184,13 +205,15 @@ class Accumulator:
                 if self.monitor is not None:
                     self.monitor.record()
                 if self.clipper is not None:
-                    self.last_clip = self.clipper(params)
+                    self.last_clip = self.clipper(optimizer_parameters(self.optimizer))
                 self.optimizer.step()
                 stepped = True
                 if self.monitor is not None:
                     self.monitor.after_step()
         finally:  # a guard error closes the window too: a caught error must not stall the loop
             self.optimizer.zero_grad(set_to_none=True)
+            for p in params:  # and the model's parameters the optimizer does not own
+                p.grad = None
             self.windows += 1
             self.optimizer_steps += int(stepped)
             self.micro_step = 0

@@ -38,6 +38,7 @@ non-finite norm costs more (the per-parameter counts, to name the culprit).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +47,7 @@ from gradtools import _checks
 from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.policies import SpikeDetector
 from gradtools.torch.monitor import Monitor
-from gradtools.torch.norms import GradStats, count_nonfinite_entries, stats_of
+from gradtools.torch.norms import GradStats, count_nonfinite_entries, stats_in_float64, stats_of
 
 __all__ = ["GradGuard", "NonFiniteGradientError", "TooManySkipsError", "GuardResult"]
 
@@ -56,6 +57,10 @@ class GuardResult:
     stepped: bool
     reason: str  # "ok", "nonfinite", "spike", "overflow" or "zeroed"
     stats: GradStats = field(repr=False)
+
+
+# Which guard steps each GradScaler: a scaler shared by two guards would be updated twice a step.
+_SCALER_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _unscale_once(scaler, optimizer) -> None:
@@ -120,6 +125,15 @@ class GradGuard(GuardBase):
         self.model = model
         self.optimizer = optimizer
         super().__init__(action, spike, max_consecutive_skips, clipper, kind="parameter")
+        if scaler is not None:
+            owner = _SCALER_GUARDS.get(scaler)
+            owner = None if owner is None else owner()
+            if owner is not None and owner.optimizer is not optimizer:
+                raise ValueError(
+                    "scaler already belongs to a GradGuard of another optimizer: the guard calls "
+                    "scaler.update() after its own step, so one GradScaler cannot serve two guards. For one "
+                    "loss over several optimizers use PyTorch's recipe (scaler.step for each, one update)")
+            _SCALER_GUARDS[scaler] = weakref.ref(self)
         self.scaler = scaler
         self.monitor = monitor
         self.max_consecutive_overflows = _checks.integer("max_consecutive_overflows", max_consecutive_overflows,
@@ -173,9 +187,12 @@ class GradGuard(GuardBase):
             norm = float(stats.total)  # the one host read of a normal step
             first_bad, note = None, ""
             if not math.isfinite(norm):
-                nonfinite = True
                 stats.nonfinite = count_nonfinite_entries(grads)
-                first_bad = stats.first_nonfinite() or "<overflow>"
+                first_bad = stats.first_nonfinite()
+                nonfinite = first_bad is not None
+                if not nonfinite:  # finite entries whose norm overflowed the dtype: measure in float64
+                    stats = stats_in_float64(names, grads, self.norm_type)
+                    norm = float(stats.total)
             if scaler is not None:
                 self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if nonfinite else 0
                 if nonfinite and self.consecutive_nonfinite <= self.max_consecutive_overflows:

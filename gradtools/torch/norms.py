@@ -198,6 +198,18 @@ def stats_of(names: list, grads: list, norm_type: float = 2.0, count_nonfinite: 
     return GradStats(names, stacked, total, nonfinite, norm_type)
 
 
+def stats_in_float64(names: list, grads: list, norm_type: float = 2.0) -> GradStats:
+    """:func:`stats_of` with the norms accumulated in float64, and no non-finite entries.
+
+    For gradients whose entries are all finite but whose norm overflows their own
+    dtype (above 65504 in float16, 3.4e38 in float32): the true norm, not ``inf``.
+    """
+    norms = _stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float64) for g in grads])
+    total = torch.linalg.vector_norm(norms, norm_type)
+    return GradStats(names, norms, total, torch.zeros(len(grads), dtype=torch.int64, device=norms.device),
+                     norm_type)
+
+
 @torch.no_grad()
 def snapshot(parameters) -> list[torch.Tensor]:
     """Copies of the parameters' values (one foreach copy), for :func:`update_ratios`."""
