@@ -201,7 +201,10 @@ class ZClip(Policy):
         z_thresh (float): z-score threshold > 0, default 2.5.
         warmup_steps (int): steps before clipping starts, >= 1, default 25.
         clip_option (str): ``"adaptive_scaling"`` (default) or ``"mean"``.
-        max_norm (float or None): an absolute ceiling applied at every step, default None.
+        max_norm (float or None): an absolute ceiling applied at every step, warm-up
+            included; default None, no ceiling. The authors' reference code defaults to
+            ``max_grad_norm=1.0``, a threshold in the units of the loss (with the loss
+            multiplied by 10 it clips every step); pass ``max_norm=1.0`` to get it.
         eps (float): added to the standard deviation, default 1e-6.
 
     Example:
@@ -437,7 +440,9 @@ def get_policy(policy) -> Policy:
 
     Accepts a :class:`Policy`, a positive number (a :class:`FixedThreshold`),
     or the name of a registered policy, built with its defaults: ``"autoclip"``,
-    ``"zclip"``, or one added with :func:`register_policy`.
+    ``"zclip"``, or one added with :func:`register_policy`. ``"zclip"`` has the
+    paper's alpha, z-score threshold and clip option but, unlike the authors' code,
+    no absolute ceiling (theirs clips at 1.0 by default; see :class:`ZClip`).
 
     Example:
         >>> get_policy(2.0)

@@ -303,3 +303,17 @@ def test_norm_helpers_take_one_tensor_and_can_refuse_a_nonfinite_norm():
     assert float(gk.get_total_norm(g)) == pytest.approx(5.0)
     with pytest.raises(RuntimeError, match="non-finite"):
         gk.get_total_norm([np.array([np.inf], np.float32)], error_if_nonfinite=True)
+
+
+@pytest.mark.parametrize("eps, scale", [(1e-3, 1.0), (1e-5, 1e-8)])
+def test_keras_agc_leaves_a_unit_under_its_limit_alone_like_torch(eps, scale):
+    rng = np.random.default_rng(0)
+    w = np.zeros((3, 4), np.float32)  # Keras: (fan_in, fan_out); a unit is a column
+    w[:, 0] = rng.standard_normal(3)
+    g = (rng.standard_normal((3, 4)) * scale).astype(np.float32)
+    clipped, count = gk.adaptive_clip_grad([g], [keras.Variable(w)], clip_factor=0.01, eps=eps)
+    p = torch.nn.Parameter(torch.from_numpy(w.T.copy()))
+    p.grad = torch.from_numpy(g.T.copy())
+    t_count = gt.adaptive_clip_grad_([("w", p)], clip_factor=0.01, eps=eps)
+    np.testing.assert_allclose(clipped[0].numpy(), p.grad.numpy().T, rtol=1e-6)
+    assert int(count) == int(t_count)

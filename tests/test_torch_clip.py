@@ -232,3 +232,43 @@ def test_parameters_without_gradients_give_what_torch_nn_utils_gives():
     m = torch.nn.Linear(3, 2)  # no backward yet: every grad is None
     assert torch.equal(gt.clip_grad_norm_(m.parameters(), 1.0), torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0))
     assert gt.clip_grad_value_(m.parameters(), 1.0) is None
+
+
+def _timm_agc(grads_and_weights, clip_factor, eps):
+    """timm.utils.agc.adaptive_clip_grad's rule, written out: a unit under its limit is left alone."""
+    out = []
+    for g, w in grads_and_weights:
+        dims = tuple(range(1, g.ndim)) if g.ndim > 1 else None
+        unit = (lambda x: x.norm(2, dim=dims, keepdim=True)) if dims else (lambda x: x.norm(2))
+        max_norm = unit(w).clamp(min=eps) * clip_factor
+        grad_norm = unit(g)
+        out.append(torch.where(grad_norm < max_norm, g, g * (max_norm / grad_norm.clamp(min=1e-6))))
+    return out
+
+
+@pytest.mark.parametrize("eps, scale", [(1e-3, 1.0), (1e-5, 1e-8), (1e-5, 1.0)])
+def test_agc_leaves_a_unit_under_its_limit_alone_as_timm_does(eps, scale):
+    # eps=1e-5 on zero weights: the limit clip_factor * eps = 1e-7 is below the 1e-6 floor
+    g = torch.Generator().manual_seed(0)
+    w = torch.zeros(4, 3)
+    w[0] = torch.randn(3, generator=g)
+    grad = torch.randn(4, 3, generator=g) * scale
+    want = _timm_agc([(grad, w)], 0.01, eps)[0]
+    p = torch.nn.Parameter(w.clone())
+    p.grad = grad.clone()
+    n = gt.adaptive_clip_grad_([("w", p)], clip_factor=0.01, eps=eps)
+    assert torch.equal(p.grad, want)
+    assert int(n) == int((~torch.isclose(want, grad)).any(dim=1).sum())
+
+
+@pytest.mark.parametrize("norm", [1e-6, 1e-3, 1.0])
+def test_the_clipper_scales_like_clip_grad_norm_when_the_norm_equals_the_threshold(norm):
+    # AutoClip's first threshold is the first norm itself: torch.nn.utils multiplies by t / (t + 1e-6) there.
+    ours, theirs = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    ours.grad = torch.tensor([0.6, 0.8]) * norm
+    theirs.grad = ours.grad.clone()
+    result = gt.Clipper(AutoClip(percentile=50))([ours])
+    torch.nn.utils.clip_grad_norm_([theirs], float(torch.linalg.vector_norm(theirs.grad)))
+    assert torch.equal(ours.grad, theirs.grad)
+    assert result.clipped  # by t / (t + 1e-6): a hair at norm 1, a half at norm 1e-6
+    assert float(result.norm_after) == pytest.approx(float(torch.linalg.vector_norm(ours.grad)), rel=1e-6)

@@ -251,3 +251,14 @@ def test_zeroing_nonfinite_entries_does_not_exempt_a_step_from_spike_detection()
     result = guard.step()
     assert (result.stepped, result.reason) == (False, "spike")
     assert_bit_identical(before, state_copy(model, opt))
+
+
+def test_closure_optimizers_are_refused_with_a_clear_error():
+    model = tiny_mlp()
+    opt = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(TypeError, match="optimizer LBFGS takes a closure"):
+        gt.GradGuard(model, opt)
+    with pytest.raises(TypeError, match="optimizer LBFGS takes a closure"):
+        gt.lr_range_test(model, opt, lambda m, b: m(b).sum(), [torch.ones(2, 5)])
+    with pytest.raises(TypeError, match="optimizer LBFGS takes a closure"):
+        gt.Accumulator(model, opt, 2)

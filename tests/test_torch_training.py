@@ -271,3 +271,13 @@ def test_the_accumulator_averages_and_clears_model_parameters_the_optimizer_does
     want = float(big[0].weight.grad.norm())
     assert monitor.history["norms"]["0.weight"] == pytest.approx([want, want], rel=1e-5)
     assert model[0].weight.grad is None
+
+
+def test_sharpness_treats_a_parameter_the_loss_does_not_use_as_zero_curvature():
+    x, y = _data(16)
+    model = tiny_mlp()
+    head = torch.nn.Linear(3, 1)  # an auxiliary head, trainable but unused by this loss
+    both = torch.nn.ModuleDict({"body": model, "aux": head})
+    with_aux = gt.top_hessian_eigenvalue(both, lambda m: torch.nn.functional.mse_loss(m["body"](x), y))
+    alone = gt.top_hessian_eigenvalue(model, lambda m: torch.nn.functional.mse_loss(m(x), y))
+    assert with_aux == pytest.approx(alone, rel=1e-3) and alone > 0

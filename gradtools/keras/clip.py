@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gradtools import _checks
@@ -72,7 +74,8 @@ def _excluded(name: str, exclude) -> bool:
 def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()):
     """Unit-wise adaptive gradient clipping (AGC; Brock et al., 2021); returns ``(clipped, count)``.
 
-    For every unit i, ``G_i <- G_i * min(1, clip_factor * max(||W_i||, eps) / ||G_i||)``. A Keras
+    For every unit i, with the limit ``L_i = clip_factor * max(||W_i||, eps)``: ``G_i`` is left
+    alone if ``||G_i|| < L_i``, else ``G_i <- G_i * L_i / max(||G_i||, 1e-6)`` (timm's rule). A Keras
     kernel is ``(..., fan_in, fan_out)``, so a unit is an output column (PyTorch's rows); biases
     and other vectors are one unit. ``count`` is the number of units scaled down (0-d tensor).
 
@@ -100,8 +103,10 @@ def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float =
         w = tf.cast(v, g.dtype)
         axes, keep = (None, False) if len(g.shape) <= 1 else (list(range(len(g.shape) - 1)), True)
         w_norm = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(w), axis=axes, keepdims=keep)), eps)
-        g_norm = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(g), axis=axes, keepdims=keep)), 1e-6)
-        scale = tf.minimum(1.0, clip_factor * w_norm / g_norm)
+        g_norm = tf.sqrt(tf.reduce_sum(tf.square(g), axis=axes, keepdims=keep))
+        limit = clip_factor * w_norm
+        # timm's rule: a unit under its limit is left alone, also when the limit is below the 1e-6 floor
+        scale = tf.where(g_norm < limit, tf.ones_like(g_norm), limit / tf.maximum(g_norm, 1e-6))
         count += tf.reduce_sum(tf.cast(scale < 1.0, tf.int64))
         out.append(g * scale)
     return out, count
@@ -137,10 +142,12 @@ class Clipper(ClipperBase):
         """Clip to a threshold decided elsewhere (a guard's decider), without consulting the policy."""
         grads, stats, norm = self._measure(grads, stats, norm)
         total = stats.total
-        if norm <= threshold:
+        if not math.isfinite(threshold):
             return grads, ClipResult(total, total, threshold, False)
+        # the rule of torch.nn.utils and of the in-graph guard, whatever the norm: min(1, threshold / (norm + 1e-6))
         coef = tf.minimum(threshold / (total + 1e-6), 1.0)
-        return clip_grads_with_norm(grads, threshold, total), ClipResult(total, total * coef, threshold, True)
+        return clip_grads_with_norm(grads, threshold, total), ClipResult(total, total * coef, threshold,
+                                                                         self.scales_down(norm, threshold))
 
 
 def compare_clipping(grads, threshold: float) -> dict:

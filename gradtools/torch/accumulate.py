@@ -33,6 +33,7 @@ import contextlib
 
 import torch
 
+from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.torch.guard import GradGuard
 from gradtools.torch.monitor import Monitor
@@ -75,10 +76,8 @@ class Accumulator:
 
     def __init__(self, model, optimizer, accumulation_steps: int, clipper=None, guard=None, reduction: str = "mean",
                  monitor=None):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _tchecks.module("model", model)
+        _tchecks.optimizer("optimizer", optimizer, closure=False)
         self.model = model
         self.optimizer = optimizer
         self.accumulation_steps = _checks.integer("accumulation_steps", accumulation_steps, minimum=1)

@@ -147,8 +147,10 @@ def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
 def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()) -> torch.Tensor:
     """Unit-wise adaptive gradient clipping (AGC; Brock et al., 2021).
 
-    For every unit i (a row of a weight matrix, a filter of a convolution):
-    ``G_i <- G_i * min(1, clip_factor * max(||W_i||, eps) / ||G_i||)``.
+    For every unit i (a row of a weight matrix, a filter of a convolution), with
+    the limit ``L_i = clip_factor * max(||W_i||, eps)``: ``G_i`` is left alone if
+    ``||G_i|| < L_i``, else ``G_i <- G_i * L_i / max(||G_i||, 1e-6)``, exactly as in
+    timm's ``adaptive_clip_grad``.
 
     Args:
         parameters: a Module or iterable of Tensors or ``(name, tensor)`` pairs.
@@ -180,7 +182,8 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
             continue
         max_norm = _unitwise_norm(p.detach()).clamp_(min=eps).mul_(clip_factor)
         grad_norm = _unitwise_norm(p.grad)
-        scale = (max_norm / grad_norm.clamp(min=1e-6)).clamp(max=1.0)
+        # timm's rule: a unit under its limit is left alone, also when the limit is below the 1e-6 floor
+        scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6))
         counts.append((scale < 1.0).sum())  # stays on the device
         p.grad.mul_(scale)
     if not counts:
@@ -244,8 +247,9 @@ class Clipper(ClipperBase):
             return _nothing_to_clip(threshold)
         parameters, stats, norm = self._measure(parameters, stats, norm)
         total = stats.total
-        if norm <= threshold:
+        if not math.isfinite(threshold):
             return ClipResult(total, total, threshold, False)
+        # torch.nn.utils' rule, applied whatever the norm: min(1, threshold / (norm + 1e-6))
         coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
         clip_grads_with_norm_(parameters, threshold, total)
-        return ClipResult(total, total * coef, threshold, True)  # the norm scales linearly: no second pass
+        return ClipResult(total, total * coef, threshold, self.scales_down(norm, threshold))  # linear: no second pass

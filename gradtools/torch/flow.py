@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from gradtools.torch import _checks as _tchecks
 from gradtools.stats import LayerGradients
 from gradtools.torch.models import _loss_fn, batch_tensors, weight_penalty
 
@@ -28,8 +29,7 @@ __all__ = ["layer_gradients", "LayerGradients"]
 
 
 def _weight_matrices(model) -> list:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _tchecks.module("model", model)
     pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     if not pairs:
         raise ValueError(f"model ({type(model).__name__}) has no trainable weight matrices to measure")

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.policies import SpikeDetector
@@ -114,10 +115,8 @@ class GradGuard(GuardBase):
     def __init__(self, model, optimizer, action: str = "skip", spike: SpikeDetector | None = None,
                  max_consecutive_skips: int = 10, scaler=None, clipper=None, monitor=None,
                  max_consecutive_overflows: int = 32):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _tchecks.module("model", model)
+        _tchecks.optimizer("optimizer", optimizer, closure=False)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if monitor is not None and not isinstance(monitor, Monitor):

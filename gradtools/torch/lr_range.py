@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from gradtools.torch import _checks as _tchecks
 from gradtools.lr_range import LRRangeResult, RangeSweep
 
 __all__ = ["lr_range_test", "LRRangeResult"]
@@ -57,10 +58,8 @@ def lr_range_test(model, optimizer, loss_fn, batches, start_lr: float = 1e-7, en
         LRRangeResult with the rates tried, smoothed and raw losses, a suggested
         rate and the step at which the sweep stopped on divergence (or None).
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _tchecks.module("model", model)
+    _tchecks.optimizer("optimizer", optimizer, closure=False)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     sweep = RangeSweep(start_lr, end_lr, num_steps, beta, diverge_factor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.models import _norm_choice as _check_norm
 from gradtools.models import _residual_weights
@@ -130,8 +131,7 @@ def weight_penalty(model, l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
         >>> round(weight_penalty(lin, l1=0.1, l2=0.01).item(), 6)
         0.95
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _tchecks.module("model", model)
     l1 = _checks.non_negative("l1", l1)
     l2 = _checks.non_negative("l2", l2)
     mats = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]

@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.torch.norms import _named_parameters, stats_of, snapshot, update_ratios
 
@@ -52,8 +53,7 @@ class Monitor:
 
     def __init__(self, model, every: int = 1, norm_type: float = 2.0, count_nonfinite: bool = True,
                  track_updates: bool = False):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _tchecks.module("model", model)
         self.model = model
         self.every = _checks.integer("every", every, minimum=1)
         self.norm_type = _checks.norm_type("norm_type", norm_type)

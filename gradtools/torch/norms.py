@@ -11,9 +11,11 @@ Non-finite entries are counted exactly only when they can exist: a finite
 global norm proves that every entry is finite, so the counts are zeros without
 touching the gradients again. Checking that costs one scalar read (free on CPU,
 one small device-to-host copy on an accelerator; pass ``count_nonfinite=False``
-to avoid even that). When the norm is not finite, the count uses
-``||0 * g||_0``: multiplying by zero maps finite entries to 0 and inf/nan to
-nan, and the 0-"norm" counts the non-zeros, two foreach kernels in all.
+to avoid even that). When the norm is not finite, the entries are counted in
+int64, exact in every dtype. A norm can also be infinite while every entry is
+finite: a float16 gradient whose norm exceeds 65504. The guard and the
+``Clipper`` then measure again in float64 (:func:`stats_in_float64`); the
+``torch.nn.utils`` twins return what ``torch.nn.utils`` returns (``inf``).
 """
 
 from __future__ import annotations
@@ -120,12 +122,12 @@ def _total(norms: list[torch.Tensor], norm_type: float) -> torch.Tensor:
 
 
 def count_nonfinite_entries(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Non-finite entries per tensor, a 1-d int64 tensor (two foreach kernels, no host sync).
+    """Non-finite entries per tensor, a 1-d int64 tensor, exact in every dtype (no host sync).
 
-    ``||0 * g||_0``: multiplying by zero maps finite entries to 0 and inf/nan to nan,
-    and the 0-"norm" counts the non-zeros.
+    Counted in int64 (``(~isfinite(g)).sum()``): a count taken in the gradient's own
+    dtype would stop at 2048 in float16 and at 256 in bfloat16.
     """
-    return _stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0)).to(torch.int64)
+    return _stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads])
 
 
 def _raise_nonfinite(norm_type: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.optim import TrainTrace, check_run, settings
 from gradtools.torch.models import _loss_fn, batch_tensors, weight_penalty
@@ -110,10 +111,8 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         :class:`gradtools.optim.TrainTrace`; the per-step values stay on the
         device until the end of the run.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _tchecks.module("model", model)
+    _tchecks.optimizer("optimizer", optimizer, closure=False)
     if isinstance(optimizer, torch.optim.LBFGS):
         raise TypeError("optimizer must step without a closure; LBFGS re-evaluates the loss itself, "
                         "which would bypass the spike and the normalisation")

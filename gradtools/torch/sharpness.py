@@ -22,12 +22,14 @@ def hessian_vector_product(loss: torch.Tensor, params: list, vector: list, grads
     """``H v`` for the Hessian of ``loss`` with respect to ``params``.
 
     ``grads``: the first derivatives taken with ``create_graph=True``, when the caller
-    keeps them across several products (as the power iteration does).
+    keeps them across several products (as the power iteration does). A parameter
+    the loss does not use gets a zero product.
     """
     if grads is None:
-        grads = torch.autograd.grad(loss, params, create_graph=True)
+        grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
     dot = sum((g * v).sum() for g, v in zip(grads, vector))
-    return list(torch.autograd.grad(dot, params, retain_graph=True))
+    # A parameter the loss does not use (an auxiliary head) has zero rows in the Hessian.
+    return list(torch.autograd.grad(dot, params, retain_graph=True, materialize_grads=True))
 
 
 def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
@@ -47,7 +49,7 @@ def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, s
     if not params:
         raise ValueError("model has no parameters that require grad")
     loss = loss_fn(model)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
 
     def matvec(vectors):
         vs = [torch.as_tensor(v, dtype=p.dtype, device=p.device) for v, p in zip(vectors, params)]
