@@ -29,7 +29,8 @@ from gradtools.torch.norms import (
     _stack,
     _total,
     device_groups,
-    grad_stats,
+    measure,
+    named_grads,
 )
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "adaptive_clip_grad_", "Clipper", "ClipResult"]
@@ -208,11 +209,14 @@ class Clipper(ClipperBase):
         >>> import torch
         >>> from gradtools.policies import AutoClip
         >>> m = torch.nn.Linear(2, 1)
-        >>> clipper = Clipper(AutoClip(percentile=10))
-        >>> m(torch.ones(1, 2)).sum().backward()
-        >>> r = clipper(m)
-        >>> r.clipped
-        False
+        >>> clipper = Clipper(AutoClip(percentile=50))
+        >>> m(torch.ones(1, 2)).sum().backward()   # the gradient's norm is sqrt(3)
+        >>> r = clipper(m)   # threshold: the first norm itself
+        >>> r.clipped, 0 < float(r.norm_before - r.norm_after) < 1e-5
+        (True, True)
+
+    The factor is ``torch.nn.utils.clip_grad_norm_``'s, ``min(1, t / (norm + 1e-6))``,
+    applied whenever the threshold ``t`` is finite, as in ``gradtools.keras``.
     """
 
     def __call__(self, parameters, stats=None, norm: float | None = None) -> ClipResult:
@@ -230,7 +234,7 @@ class Clipper(ClipperBase):
         """``(parameters, stats, norm)``, measuring what the caller did not pass."""
         parameters = _once(parameters)
         if stats is None or stats.norm_type != self.norm_type:
-            stats, norm = grad_stats(parameters, self.norm_type, count_nonfinite=False), None
+            stats, norm, _ = measure(*named_grads(parameters), self.norm_type)  # float16 above 65504: float64
         # The policy needs the norm as a number: one host sync per step, inherent to
         # adaptive thresholds (a fixed threshold could avoid it, but then use clip_grad_norm_).
         return parameters, stats, (float(stats.total) if norm is None else norm)

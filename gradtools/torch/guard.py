@@ -37,7 +37,6 @@ non-finite norm costs more (the per-parameter counts, to name the culprit).
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -48,7 +47,7 @@ from gradtools import _checks
 from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.policies import SpikeDetector
 from gradtools.torch.monitor import Monitor
-from gradtools.torch.norms import GradStats, count_nonfinite_entries, stats_in_float64, stats_of
+from gradtools.torch.norms import GradStats, measure
 
 __all__ = ["GradGuard", "NonFiniteGradientError", "TooManySkipsError", "GuardResult"]
 
@@ -182,16 +181,8 @@ class GradGuard(GuardBase):
         try:
             if self.monitor is not None:
                 self.monitor.record()
-            stats = stats_of(names, grads, self.norm_type, count_nonfinite=False)
-            norm = float(stats.total)  # the one host read of a normal step
-            first_bad, note = None, ""
-            if not math.isfinite(norm):
-                stats.nonfinite = count_nonfinite_entries(grads)
-                first_bad = stats.first_nonfinite()
-                nonfinite = first_bad is not None
-                if not nonfinite:  # finite entries whose norm overflowed the dtype: measure in float64
-                    stats = stats_in_float64(names, grads, self.norm_type)
-                    norm = float(stats.total)
+            stats, norm, first_bad = measure(names, grads, self.norm_type)  # one host read when finite
+            nonfinite, note = first_bad is not None, ""
             if scaler is not None:
                 self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if nonfinite else 0
                 if nonfinite and self.consecutive_nonfinite <= self.max_consecutive_overflows:
@@ -205,8 +196,7 @@ class GradGuard(GuardBase):
             if decision.reason == "zero":
                 for g in grads:
                     torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-                stats = stats_of(names, grads, self.norm_type, count_nonfinite=False)
-                norm = float(stats.total)
+                stats, norm, _ = measure(names, grads, self.norm_type)
                 decision = self.decider.after_zeroing(norm)
             if decision.proceed and self.clipper is not None:
                 self.clipper.clip_to(params, decision.threshold, stats=stats, norm=norm)

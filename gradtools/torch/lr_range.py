@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from gradtools.torch import _checks as _tchecks
 from gradtools.lr_range import LRRangeResult, RangeSweep
 

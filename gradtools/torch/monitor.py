@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.torch.norms import _named_parameters, stats_of, snapshot, update_ratios

@@ -20,6 +20,7 @@ finite: a float16 gradient whose norm exceeds 65504. The guard and the
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -210,6 +211,25 @@ def stats_in_float64(names: list, grads: list, norm_type: float = 2.0) -> GradSt
     total = torch.linalg.vector_norm(norms, norm_type)
     return GradStats(names, norms, total, torch.zeros(len(grads), dtype=torch.int64, device=norms.device),
                      norm_type)
+
+
+def measure(names: list, grads: list, norm_type: float = 2.0) -> tuple[GradStats, float, str | None]:
+    """``(stats, norm, first_bad)``: the statistics, the global norm as a float (the one host
+    read of a finite step), and the first parameter with a non-finite entry, or None.
+
+    The verdict "non-finite" comes from the entries, never from a norm that overflowed its
+    dtype: finite entries with an infinite norm are measured again in float64.
+    """
+    stats = stats_of(names, grads, norm_type, count_nonfinite=False)
+    norm = float(stats.total)
+    if math.isfinite(norm):
+        return stats, norm, None
+    stats.nonfinite = count_nonfinite_entries(grads)
+    first_bad = stats.first_nonfinite()
+    if first_bad is None:
+        stats = stats_in_float64(names, grads, norm_type)
+        norm = float(stats.total)
+    return stats, norm, first_bad
 
 
 @torch.no_grad()
