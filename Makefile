@@ -35,7 +35,7 @@ book: $(STAMP)
 	$(PY) tools/build_book.py
 
 unit: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not browser and not exhaustive" $(PYTEST_ARGS)
 
 browser: $(STAMP)
 	$(PY) tools/ensure_chromium.py

@@ -37,6 +37,7 @@ non-finite norm costs more (the per-parameter counts, to name the culprit).
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -54,9 +55,18 @@ __all__ = ["GradGuard", "NonFiniteGradientError", "TooManySkipsError", "GuardRes
 
 @dataclass
 class GuardResult:
+    """What ``GradGuard.step()`` did.
+
+    ``stepped``: whether the optimizer stepped; ``reason``: ``"ok"``, ``"zeroed"``,
+    ``"nonfinite"``, ``"spike"`` or ``"overflow"``; ``stats``: the gradient statistics
+    the decision was taken on (unscaled, before clipping); ``threshold``: the clipping
+    threshold applied (``inf``: none).
+    """
+
     stepped: bool
-    reason: str  # "ok", "nonfinite", "spike", "overflow" or "zeroed"
+    reason: str
     stats: GradStats = field(repr=False)
+    threshold: float = math.inf
 
 
 # Which guard steps each GradScaler: a scaler shared by two guards would be updated twice a step.
@@ -198,9 +208,11 @@ class GradGuard(GuardBase):
                     torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
                 stats, norm, _ = measure(names, grads, self.norm_type)
                 decision = self.decider.after_zeroing(norm)
+            threshold = math.inf
             if decision.proceed and self.clipper is not None:
-                self.clipper.clip_to(params, decision.threshold, stats=stats, norm=norm)
-            result = GuardResult(decision.proceed, decision.reason, stats)
+                threshold = decision.threshold
+                self.clipper.clip_to(params, threshold, stats=stats, norm=norm)
+            result = GuardResult(decision.proceed, decision.reason, stats, threshold)
             return result
         finally:  # also when the decider raised: the scaler and the monitor always finish the step
             self._finish(result is not None and result.stepped, nonfinite, scaler)
