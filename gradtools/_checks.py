@@ -72,3 +72,16 @@ def choice(name: str, value, options) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {sorted(options)}, got {value!r}")
     return value
+
+
+def names(name: str, value) -> tuple:
+    """A tuple of strings from one string or an iterable of them."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, bytes) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a string or an iterable of strings, got {type(value).__name__}")
+    out = tuple(value)
+    bad = [v for v in out if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must hold strings, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return out

@@ -169,7 +169,7 @@ def power_iteration(matvec, shapes, iters: int = 20, tol: float = 1e-4, seed: in
     """
     iters = _checks.integer("iters", iters, minimum=1)
     tol = _checks.positive("tol", tol)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_checks.integer("seed", seed, minimum=0))
     v = [rng.standard_normal(s) for s in shapes]
     norm = math.sqrt(sum(float((x * x).sum()) for x in v))
     v = [x / norm for x in v]

@@ -119,11 +119,6 @@ class ClipperBase:
     def __repr__(self):
         return f"{type(self).__name__}({self.policy!r}, norm_type={self.norm_type})"
 
-    @staticmethod
-    def scales_down(norm: float, threshold: float) -> bool:
-        """Whether ``min(1, threshold / (norm + 1e-6))``, the factor both backends apply, is below 1."""
-        return threshold / (norm + 1e-6) < 1.0
-
     def _measure(self, grads, stats, norm):  # pragma: no cover - provided by the backends
         raise NotImplementedError
 

@@ -317,3 +317,39 @@ def test_keras_agc_leaves_a_unit_under_its_limit_alone_like_torch(eps, scale):
     t_count = gt.adaptive_clip_grad_([("w", p)], clip_factor=0.01, eps=eps)
     np.testing.assert_allclose(clipped[0].numpy(), p.grad.numpy().T, rtol=1e-6)
     assert int(count) == int(t_count)
+
+
+def test_keras_measures_finite_gradients_whose_float32_norm_overflows_like_torch():
+    g = np.full(4, 1e20, np.float32)  # every entry finite; the float32 sum of squares is inf
+    out, r = gk.Clipper(5.0)([g])
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.from_numpy(g.copy())
+    t = gt.Clipper(5.0)([p])
+    assert float(r.norm_before) == pytest.approx(float(t.norm_before), rel=1e-6) == 2e20
+    np.testing.assert_allclose(out[0].numpy(), p.grad.numpy(), rtol=1e-6)
+    w = keras.Variable(np.zeros(4, np.float32))
+    assert bool(gk.GradGuard(keras.optimizers.SGD(1.0), clipper=gk.Clipper(5.0)).apply([g], [w]))
+    np.testing.assert_allclose(w.numpy(), -2.5, rtol=1e-6)
+    assert not math.isfinite(float(gk.grad_stats([np.array([np.inf, 1.0], np.float32)]).total))
+
+
+def test_keras_clip_result_flag_follows_the_factor_applied():
+    for norm in (100.0, 1e-3, 3.0):  # AutoClip's first threshold is the norm itself
+        g = np.array([norm], np.float32)
+        out, r = gk.Clipper(AutoClip())([g])
+        assert r.clipped == (not np.array_equal(out[0].numpy(), g))  # 100 + 1e-6 is 100 in float32
+
+
+def test_hessian_of_a_linear_loss_and_of_an_unused_head_in_both_frameworks():
+    x = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+    assert gt.top_hessian_eigenvalue(torch.nn.Linear(4, 1), lambda m: m(torch.from_numpy(x)).mean()) == 0.0
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="tanh")(inp)
+    two_heads = keras.Model(inp, [keras.layers.Dense(1)(h), keras.layers.Dense(3)(h)])
+    one_head = keras.Model(inp, two_heads.outputs[0])
+    both = gk.top_hessian_eigenvalue(two_heads, lambda m: tf.reduce_mean(m(x)[0] ** 2))
+    alone = gk.top_hessian_eigenvalue(one_head, lambda m: tf.reduce_mean(m(x) ** 2))
+    assert both == pytest.approx(alone, rel=1e-3) and alone > 0
+    linear = keras.layers.Dense(1)
+    linear.build((None, 4))
+    assert gk.top_hessian_eigenvalue(linear, lambda m: tf.reduce_mean(m(x))) == 0.0

@@ -138,6 +138,12 @@ def test_clipper_reports_before_and_after(policy):
     (lambda m: gt.clip_grad_norm_([1.0, 2.0], 1.0), TypeError, r"parameters\[0\] must be a Tensor, got float"),
     (lambda m: gt.clip_grad_value_(m, 0.0), ValueError, "clip_value must be a positive finite number, got 0.0"),
     (lambda m: gt.adaptive_clip_grad_(m, clip_factor=-0.01), ValueError, "clip_factor must be a positive finite number"),
+    (lambda m: gt.adaptive_clip_grad_(m, exclude=None), TypeError, "exclude must be a string or an iterable of strings"),
+    (lambda m: gt.adaptive_clip_grad_(m, exclude=[1]), TypeError, "exclude must hold strings, got 1"),
+    (lambda m: gt.top_hessian_eigenvalue(1, lambda m: 0), TypeError, "model must be a torch.nn.Module, got int"),
+    (lambda m: gt.top_hessian_eigenvalue(m, 1), TypeError, "loss_fn must be callable, got int"),
+    (lambda m: gt.top_hessian_eigenvalue(m, lambda m: m(torch.ones(2, 5)).pow(2).sum(), seed="a"), TypeError,
+     "seed must be an int"),
     (lambda m: gt.grad_stats(tiny_mlp(1)), ValueError, "none has a gradient: call loss.backward"),
     (lambda m: gt.Clipper("never"), ValueError, "policy .never. is not registered"),
     (lambda m: gt.GradGuard(m, "sgd"), TypeError, "optimizer must be a torch.optim.Optimizer, got str"),
@@ -272,3 +278,35 @@ def test_the_clipper_scales_like_clip_grad_norm_when_the_norm_equals_the_thresho
     assert torch.equal(ours.grad, theirs.grad)
     assert result.clipped  # by t / (t + 1e-6): a hair at norm 1, a half at norm 1e-6
     assert float(result.norm_after) == pytest.approx(float(torch.linalg.vector_norm(ours.grad)), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mixed_dtypes_are_summed_in_torchs_order_bit_for_bit(seed):
+    torch.manual_seed(seed)
+    grads = [torch.randn(3), torch.randn(3).half(), torch.randn(3), torch.randn(4).bfloat16(), torch.randn(2).half()]
+    assert torch.equal(gt.get_total_norm(grads), torch.nn.utils.get_total_norm(grads))
+    ours, theirs = ([torch.nn.Parameter(g.clone()) for g in grads] for _ in range(2))
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    assert torch.equal(gt.clip_grad_norm_(ours, 0.5), torch.nn.utils.clip_grad_norm_(theirs, 0.5))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    assert torch.equal(gt.grad_stats(ours).total, torch.nn.utils.get_total_norm([a.grad for a in ours]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_result_says_clipped_exactly_when_the_factor_is_below_one(dtype):
+    # thresholds within 1e-5 of the norm: where a flag worked out in float64 and a factor applied in
+    # the norm's dtype disagree
+    g = torch.Generator().manual_seed(0)
+    disagreements = 0
+    for _ in range(300):
+        grad = (torch.randn(3, generator=g) * 10 ** (4 * torch.rand(1, generator=g) - 2)).to(dtype)
+        norm = float(torch.linalg.vector_norm(grad))
+        threshold = norm * float(1 + (torch.rand(1, generator=g) - 0.5) * 1e-5)  # right at the edge
+        p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+        p.grad = grad.clone()
+        result = gt.Clipper(threshold)([p])
+        # torch.nn.utils.clip_grad_norm_'s factor, in the norm's dtype
+        factor = torch.clamp(threshold / (torch.nn.utils.get_total_norm([grad]) + 1e-6), max=1.0)
+        disagreements += result.clipped != bool(factor < 1)
+    assert disagreements == 0

@@ -89,7 +89,7 @@ def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float =
     """
     clip_factor = _checks.positive("clip_factor", clip_factor)
     eps = _checks.positive("eps", eps)
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    exclude = _checks.names("exclude", exclude)
     grads = _check_grads(grads)
     names = variable_names(variables)
     variables = _variables(variables)
@@ -146,8 +146,9 @@ class Clipper(ClipperBase):
             return grads, ClipResult(total, total, threshold, False)
         # the rule of torch.nn.utils and of the in-graph guard, whatever the norm: min(1, threshold / (norm + 1e-6))
         coef = tf.minimum(threshold / (total + 1e-6), 1.0)
-        return clip_grads_with_norm(grads, threshold, total), ClipResult(total, total * coef, threshold,
-                                                                         self.scales_down(norm, threshold))
+        # whether that factor is below 1, by the same float32 arithmetic on the norm already read
+        clipped = bool(np.float32(threshold) / (np.float32(norm) + np.float32(1e-6)) < 1)
+        return clip_grads_with_norm(grads, threshold, total), ClipResult(total, total * coef, threshold, clipped)
 
 
 def compare_clipping(grads, threshold: float) -> dict:

@@ -50,16 +50,31 @@ def _as_float32(g):
 
 
 def _norms(grads: list, norm_type: float = 2.0):
-    """Per-tensor norms (float32, 1-d) and their global norm, graph-friendly."""
+    """Per-tensor norms (float32, 1-d) and their global norm, graph-friendly.
+
+    A sum of squares overflows float32 for finite entries above about 1.8e19: the
+    norms are then measured again in float64 (and are finite, in float32, up to
+    3.4e38), as ``gradtools.torch`` does. Non-finite entries still give ``inf``/``nan``.
+    """
+    if math.isinf(norm_type):  # a maximum cannot overflow
+        norms = tf.stack([tf.reduce_max(tf.abs(_as_float32(g))) for g in grads])
+        return norms, tf.reduce_max(norms)
+    norms, total = _norms_in(grads, norm_type, tf.float32)
+
+    def in_float64():
+        wide, wide_total = _norms_in(grads, norm_type, tf.float64)
+        return tf.cast(wide, tf.float32), tf.cast(wide_total, tf.float32)
+
+    return tf.cond(tf.math.is_finite(total), lambda: (norms, total), in_float64)
+
+
+def _norms_in(grads: list, norm_type: float, dtype):
     if norm_type == 2.0:
         # One fused op per tensor (L2Loss = sum(g**2) / 2), then one sqrt: on CPU every graph op
         # costs ~10 us, so this halves the cost of the usual square-then-sum.
-        squares = 2.0 * tf.stack([tf.nn.l2_loss(_as_float32(g)) for g in grads])
+        squares = 2.0 * tf.stack([tf.nn.l2_loss(tf.cast(_as_float32(g), dtype)) for g in grads])
         return tf.sqrt(squares), tf.sqrt(tf.reduce_sum(squares))
-    if math.isinf(norm_type):
-        norms = tf.stack([tf.reduce_max(tf.abs(_as_float32(g))) for g in grads])
-        return norms, tf.reduce_max(norms)
-    norms = tf.stack([tf.norm(tf.reshape(_as_float32(g), [-1]), ord=norm_type) for g in grads])
+    norms = tf.stack([tf.norm(tf.reshape(tf.cast(_as_float32(g), dtype), [-1]), ord=norm_type) for g in grads])
     return norms, tf.norm(norms, ord=norm_type)
 
 

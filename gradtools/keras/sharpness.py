@@ -27,9 +27,14 @@ def hessian_vector_product(loss_fn, variables, vector) -> list:
     with tf.GradientTape() as outer:
         with tf.GradientTape() as inner:
             loss = loss_fn()
-        grads = inner.gradient(loss, variables)
+        # a variable the loss does not use (an auxiliary head), or a loss linear in it: zero rows
+        grads = _zeros_for_none(inner.gradient(loss, variables), variables)
         dot = tf.add_n([tf.reduce_sum(g * tf.cast(v, g.dtype)) for g, v in zip(grads, vector)])
-    return outer.gradient(dot, variables)
+    return _zeros_for_none(outer.gradient(dot, variables), variables)
+
+
+def _zeros_for_none(grads, variables) -> list:
+    return [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
 
 
 def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
@@ -38,6 +43,10 @@ def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, s
     ``loss_fn(model)`` returns the scalar loss on a fixed batch. Uses nested
     ``GradientTape`` contexts for Hessian-vector products and the shared power iteration.
     """
+    if not hasattr(model, "trainable_variables"):
+        raise TypeError(f"model must be a Keras model or layer, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     params = list(model.trainable_variables)
     if not params:
         raise ValueError("model has no trainable variables")

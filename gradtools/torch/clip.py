@@ -110,7 +110,7 @@ def clip_grad_norm_(
     grads = _grads_for_clip(parameters)
     if not grads:
         return torch.tensor(0.0)
-    total = _total(_foreach_norms(grads, norm_type, foreach), norm_type)
+    total = _total(_foreach_norms(grads, norm_type, foreach), norm_type, grads)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         _raise_nonfinite(norm_type)
     clip_grads_with_norm_(parameters, max_norm, total, foreach)
@@ -174,8 +174,7 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     """
     clip_factor = _checks.positive("clip_factor", clip_factor)
     eps = _checks.positive("eps", eps)
-    if isinstance(exclude, str):
-        exclude = (exclude,)
+    exclude = _checks.names("exclude", exclude)
     pairs = _named_parameters(parameters)
     counts = []
     for name, p in pairs:
@@ -256,4 +255,7 @@ class Clipper(ClipperBase):
         # torch.nn.utils' rule, applied whatever the norm: min(1, threshold / (norm + 1e-6))
         coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
         clip_grads_with_norm_(parameters, threshold, total)
-        return ClipResult(total, total * coef, threshold, self.scales_down(norm, threshold))  # linear: no second pass
+        # Whether that factor is below 1: the same arithmetic, in the same dtype, on the norm already
+        # read to the host (no second read of the device).
+        host = torch.clamp(threshold / (torch.tensor(norm, dtype=total.dtype) + 1e-6), max=1.0)
+        return ClipResult(total, total * coef, threshold, bool(host < 1.0))  # the norm scales linearly

@@ -86,12 +86,22 @@ def optimizer_parameters(optimizer) -> list[torch.Tensor]:
 _FOREACH_DEVICES = {"cpu", "cuda", "xpu", "mps"}
 
 
+def _groups(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices per (device, dtype), in the order ``torch.nn.utils`` visits the groups."""
+    try:  # the grouping torch.nn.utils itself uses (its order is not that of first appearance)
+        from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+        return {key: list(idx) for key, (_, idx) in _group_tensors_by_device_and_dtype([tensors], True).items()}
+    except (ImportError, TypeError, RuntimeError):  # pragma: no cover - a torch without it
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        return groups
+
+
 def device_groups(tensors: list[torch.Tensor], foreach: bool | None):
     """``(indices, use_foreach)`` per (device, dtype) group, as ``torch.nn.utils`` groups them."""
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for (device, _), idx in groups.items():
+    for (device, _), idx in _groups(tensors).items():
         yield idx, (foreach if foreach is not None else device.type in _FOREACH_DEVICES)
 
 
@@ -118,8 +128,17 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t if t.device == device else t.to(device) for t in tensors])
 
 
-def _total(norms: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    return torch.linalg.vector_norm(_stack(norms), norm_type)
+def _torch_order(tensors: list[torch.Tensor]) -> list[int] | None:
+    """The order in which ``torch.nn.utils`` adds up the norms: grouped by (device, dtype), groups
+    in order of first appearance. None when that is the parameters' own order (one group)."""
+    order = [i for idx, _ in device_groups(tensors, None) for i in idx]
+    return None if order == list(range(len(tensors))) else order
+
+
+def _total(norms: list[torch.Tensor], norm_type: float, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The norm of the per-tensor norms, summed in ``torch.nn.utils``' order (bit-identical to it)."""
+    order = _torch_order(tensors)
+    return torch.linalg.vector_norm(_stack(norms if order is None else [norms[i] for i in order]), norm_type)
 
 
 def count_nonfinite_entries(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -150,7 +169,7 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     if not tensors:
         return torch.tensor(0.0)
-    total = _total(_foreach_norms(tensors, norm_type, foreach), norm_type)
+    total = _total(_foreach_norms(tensors, norm_type, foreach), norm_type, tensors)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         _raise_nonfinite(norm_type)
     return total
@@ -190,8 +209,9 @@ def grad_stats(parameters, norm_type: float = 2.0, count_nonfinite: bool = True,
 def stats_of(names: list, grads: list, norm_type: float = 2.0, count_nonfinite: bool = True,
              foreach: bool | None = None) -> GradStats:
     """:func:`grad_stats` on gradients already collected (no argument checks; for per-step loops)."""
-    stacked = _stack(_foreach_norms(grads, norm_type, foreach))
-    total = torch.linalg.vector_norm(stacked, norm_type)
+    norms = _foreach_norms(grads, norm_type, foreach)
+    stacked = _stack(norms)  # in the parameters' order, for the names
+    total = _total(norms, norm_type, grads)
     nonfinite = None
     if count_nonfinite:
         if bool(torch.isfinite(total)):

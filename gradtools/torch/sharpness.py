@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from gradtools.maths import power_iteration
+from gradtools.torch import _checks as _tchecks
 
 __all__ = ["hessian_vector_product", "top_hessian_eigenvalue"]
 
@@ -28,6 +29,8 @@ def hessian_vector_product(loss: torch.Tensor, params: list, vector: list, grads
     if grads is None:
         grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
     dot = sum((g * v).sum() for g, v in zip(grads, vector))
+    if not dot.requires_grad:  # a loss linear in the parameters: its Hessian is 0
+        return [torch.zeros_like(p) for p in params]
     # A parameter the loss does not use (an auxiliary head) has zero rows in the Hessian.
     return list(torch.autograd.grad(dot, params, retain_graph=True, materialize_grads=True))
 
@@ -45,6 +48,9 @@ def top_hessian_eigenvalue(model, loss_fn, iters: int = 20, tol: float = 1e-4, s
     Returns:
         The eigenvalue estimate (a Python float).
     """
+    _tchecks.module("model", model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters that require grad")
