@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from gradtools import _checks
@@ -191,6 +192,17 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     return _stack(counts).sum()
 
 
+def _factor_below_one(norm: float, threshold: float, dtype) -> bool | None:
+    """Whether ``clamp(threshold / (total + 1e-6), max=1)`` is below 1, by the device's own
+    arithmetic redone on the host from the norm already read (torch's ``threshold / t`` is
+    ``t.reciprocal() * threshold``); None for half precision, whose rounding NumPy lacks."""
+    if dtype == torch.float32:
+        return bool((np.float32(1.0) / (np.float32(norm) + np.float32(1e-6))) * np.float32(threshold) < 1)
+    if dtype == torch.float64:
+        return (1.0 / (norm + 1e-6)) * threshold < 1.0
+    return None
+
+
 def _nothing_to_clip(threshold: float) -> ClipResult:
     zero = torch.tensor(0.0)
     return ClipResult(zero, zero, threshold, False)
@@ -252,10 +264,15 @@ class Clipper(ClipperBase):
         total = stats.total
         if not math.isfinite(threshold):
             return ClipResult(total, total, threshold, False)
-        # torch.nn.utils' rule, applied whatever the norm: min(1, threshold / (norm + 1e-6))
-        coef = torch.clamp(threshold / (total + 1e-6), max=1.0)
+        coef = self.rescale(parameters, threshold, total)
+        clipped = _factor_below_one(norm, threshold, total.dtype)
+        if clipped is None:  # half precision: read the factor applied (one more read from the device)
+            clipped = bool(coef < 1.0)
+        return ClipResult(total, total * coef, threshold, clipped)  # the norm scales linearly
+
+    @staticmethod
+    def rescale(parameters, threshold: float, total: torch.Tensor) -> torch.Tensor:
+        """Multiply the gradients by torch.nn.utils' factor ``min(1, threshold / (total + 1e-6))``,
+        whatever the norm (no host read), and return the factor."""
         clip_grads_with_norm_(parameters, threshold, total)
-        # Whether that factor is below 1: the same arithmetic, in the same dtype, on the norm already
-        # read to the host (no second read of the device).
-        host = torch.clamp(threshold / (torch.tensor(norm, dtype=total.dtype) + 1e-6), max=1.0)
-        return ClipResult(total, total * coef, threshold, bool(host < 1.0))  # the norm scales linearly
+        return torch.clamp(threshold / (total + 1e-6), max=1.0)

@@ -211,7 +211,7 @@ class GradGuard(GuardBase):
             threshold = math.inf
             if decision.proceed and self.clipper is not None:
                 threshold = decision.threshold
-                self.clipper.clip_to(params, threshold, stats=stats, norm=norm)
+                self.clipper.rescale(params, threshold, stats.total)  # clip_to's rescaling, without a report
             result = GuardResult(decision.proceed, decision.reason, stats, threshold)
             return result
         finally:  # also when the decider raised: the scaler and the monitor always finish the step
