@@ -129,8 +129,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _torch_order(tensors: list[torch.Tensor]) -> list[int] | None:
-    """The order in which ``torch.nn.utils`` adds up the norms: grouped by (device, dtype), groups
-    in order of first appearance. None when that is the parameters' own order (one group)."""
+    """The order in which ``torch.nn.utils`` adds up the norms: grouped by (device, dtype), the
+    groups in torch's own order. None when that is the parameters' own order (one group)."""
     order = [i for idx, _ in device_groups(tensors, None) for i in idx]
     return None if order == list(range(len(tensors))) else order
 
