@@ -33,8 +33,8 @@ import contextlib
 
 import torch
 
-from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
+from gradtools.torch import _checks as _tchecks
 from gradtools.torch.guard import GradGuard
 from gradtools.torch.monitor import Monitor
 from gradtools.torch.norms import optimizer_parameters

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from gradtools.torch import _checks as _tchecks
 from gradtools.stats import LayerGradients
+from gradtools.torch import _checks as _tchecks
 from gradtools.torch.models import _loss_fn, batch_tensors, weight_penalty
 
 __all__ = ["layer_gradients", "LayerGradients"]

@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.policies import SpikeDetector
+from gradtools.torch import _checks as _tchecks
 from gradtools.torch.monitor import Monitor
 from gradtools.torch.norms import GradStats, measure
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 
-from gradtools.torch import _checks as _tchecks
 from gradtools.lr_range import LRRangeResult, RangeSweep
+from gradtools.torch import _checks as _tchecks
 
 __all__ = ["lr_range_test", "LRRangeResult"]
 

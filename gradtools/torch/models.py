@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.models import _norm_choice as _check_norm
 from gradtools.models import _residual_weights
+from gradtools.torch import _checks as _tchecks
 
 __all__ = ["mlp", "residual_mlp", "ResidualMLP", "train_full_batch", "weight_penalty"]
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 
-from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
+from gradtools.torch import _checks as _tchecks
 from gradtools.torch.norms import _named_parameters, stats_of, snapshot, update_ratios
 
 __all__ = ["Monitor"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradtools.torch import _checks as _tchecks
 from gradtools import _checks
 from gradtools.optim import TrainTrace, check_run, settings
+from gradtools.torch import _checks as _tchecks
 from gradtools.torch.models import _loss_fn, batch_tensors, weight_penalty
 from gradtools.torch.norms import get_total_norm
 
