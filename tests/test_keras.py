@@ -282,7 +282,8 @@ def test_resumed_run_takes_the_same_decisions_as_an_uninterrupted_one(tmp_path, 
      "use GradOptimizer\\(accumulation_steps=...\\)"),
     (lambda: gk.GradOptimizer(keras.optimizers.SGD(), clipnorm=1.0), ValueError, "does not take \\['clipnorm'\\]"),
     (lambda: gk.accumulation_aware("warmup", 2), TypeError, "schedule must be a LearningRateSchedule"),
-    (lambda: gk.GradOptimizer(keras.optimizers.SGD()).start_recording(8), RuntimeError, "needs a built optimizer"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD()).start_recording(0), ValueError,
+     "capacity must be an int >= 1, got 0"),
     (lambda: gk.GradientLogger(buffer_steps=2.5), TypeError, "buffer_steps must be an int, got 2.5"),
 ])
 def test_bad_input(call, exc, message):

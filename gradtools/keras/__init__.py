@@ -29,7 +29,7 @@ from gradtools.keras.guard import GradGuard, GuardCheck, NonFiniteGradientError,
 from gradtools.keras.lr_range import LRRangeResult, LRRangeTest  # noqa: E402
 from gradtools.keras.flow import LayerGradients, layer_gradients  # noqa: E402
 from gradtools.keras.models import loss_gradients, mlp, residual_mlp, train_full_batch, weight_penalty  # noqa: E402
-from gradtools.keras.monitor import GradientLogger, GradientStats  # noqa: E402
+from gradtools.keras.monitor import GradientLogger  # noqa: E402
 from gradtools.keras.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios  # noqa: E402
 from gradtools.keras.optim import make_optimizer, train, update_sizes  # noqa: E402
 from gradtools.keras.optimizer import GradOptimizer  # noqa: E402
@@ -40,7 +40,7 @@ from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients,
 __all__ = [
     "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
     "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping", "get_total_norm",
-    "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger", "GradientStats", "GradOptimizer",
+    "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger", "GradOptimizer",
     "GradStats", "GuardCheck", "hessian_vector_product", "layer_gradients", "LayerGradients", "learning_rates",
     "loss_gradients", "LRRangeResult", "LRRangeTest", "make_optimizer", "mlp", "NonFiniteGradientError", "OneCycle",
     "residual_mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot", "TooManySkipsError",

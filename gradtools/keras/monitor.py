@@ -3,13 +3,14 @@
 ``GradOptimizer`` measures the statistics in the train step; this module gets
 them out, into ``fit()``'s logs and into a per-step history.
 
-:class:`GradientStats` is a Keras metric whose ``result()`` reads the
-``GradOptimizer``'s statistics inside the compiled train step, so they arrive
-in the batch logs with the loss, consistent with the step that produced them.
-:class:`GradientLogger` attaches it to the model and, for the per-step history,
-has the optimizer write one row per step into a buffer inside the graph, read
-once per epoch: no per-batch hook, so ``fit()`` keeps dispatching callbacks
-asynchronously and nothing waits on the host between steps.
+:class:`GradientLogger` adds the ``GradOptimizer``'s statistics to the logs that
+the train function returns, read after each step, so they arrive in the batch
+logs with the loss; ``evaluate()``, validation and the train step itself stay
+exactly as Keras makes them, whatever the model (Sequential, functional,
+subclassed, a custom ``train_step``). For the per-step history, the optimizer
+writes one row per step into a buffer inside the graph, read once per epoch: no
+per-batch hook, so ``fit()`` keeps dispatching callbacks asynchronously and
+nothing waits on the host between steps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ keras = import_keras()
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-__all__ = ["GradientLogger", "GradientStats", "Recorder", "GLOBAL_KEYS"]
+__all__ = ["GradientLogger", "Recorder", "GLOBAL_KEYS"]
 
 # The global statistics, in the order of fit()'s logs and of the recording buffer's first columns.
 GLOBAL_KEYS = ("grad_norm", "grad_norm_clipped", "grad_norm_mean", "grad_norm_clipped_mean", "clip_threshold",
@@ -65,38 +66,38 @@ class Recorder:
         return {name: rows[:, j].tolist() for j, name in enumerate(self.names)}, max(count - self.capacity, 0)
 
 
-class GradientStats(keras.metrics.Metric):
-    """Keras metric reporting a ``GradOptimizer``'s gradient statistics.
+class _WithStatistics:
+    """A model's train function with the optimizer's statistics added to the logs it returns.
 
-    ``result()`` is a dict: ``grad_norm`` and ``grad_norm_clipped`` (last optimizer
-    step), ``grad_norm_mean`` and ``grad_norm_clipped_mean`` (mean over the epoch's
-    steps so far, excluding skipped ones), ``clip_threshold``, ``skipped_steps``,
-    ``nonfinite`` (last step) and, with ``per_layer``, ``grad_norm/<variable path>``.
+    Installed by :class:`GradientLogger` for one ``fit()``: the step itself, and
+    ``evaluate()`` and validation, stay exactly as Keras made them. The statistics are
+    read after the step, from the optimizer's variables, without waiting on the device.
     """
 
-    def __init__(self, optimizer, per_layer: bool = False, name: str = "gradient_stats"):
-        super().__init__(name=name)
-        self._optimizer = optimizer
-        self.per_layer = bool(per_layer)
+    def __init__(self, function, logger):
+        self.function = function
+        self.logger = logger
 
-    def update_state(self, *args, **kwargs):
-        pass  # the optimizer updates the statistics itself
-
-    def reset_state(self):
-        opt = self._optimizer
-        if opt.built:  # a new epoch: restart the running means
-            for v in (opt.sum_norm, opt.sum_norm_after, opt.applied_count):
-                v.assign(ops.zeros_like(v))
-
-    def result(self):
-        opt = self._optimizer
-        return opt.statistics(self.per_layer) if opt.built else {}
+    def __call__(self, iterator):
+        try:
+            logs = self.function(iterator)
+        except (StopIteration, tf.errors.OutOfRangeError):  # the end of an epoch's data: fit() goes on
+            raise
+        except BaseException:  # fit() ends without on_train_end: leave the model as it was
+            self.logger._uninstall()
+            raise
+        if isinstance(logs, dict):
+            logs = {**logs, **self.logger.optimizer.statistics(self.logger.per_layer_batch_logs)}
+        return logs
 
 
 class GradientLogger(keras.callbacks.Callback):
     """Gradient statistics of ``model.fit()``: in the batch and epoch logs, and every step in ``self.history``.
 
-    Requires the model to be compiled with a :class:`GradOptimizer`.
+    Requires the model to be compiled with a :class:`GradOptimizer` (which a
+    ``LossScaleOptimizer`` may wrap). The logger changes nothing but the training
+    logs of the ``fit()`` it is passed to: ``evaluate()`` and validation report what
+    plain Keras reports, and a later ``fit()`` without it logs no statistics.
 
     * Batch logs (so ``History``, ``CSVLogger`` and TensorBoard see them): ``grad_norm``,
       ``grad_norm_clipped``, ``grad_norm_mean`` (epoch so far), ``grad_norm_clipped_mean``,
@@ -162,28 +163,27 @@ class GradientLogger(keras.callbacks.Callback):
         if getattr(model, "jit_compile", False) is True:
             raise ValueError("GradientLogger/GradOptimizer need model.compile(..., jit_compile=False): the guard and "
                              "the clipping policies run on the host once per step, which XLA cannot compile")
-        existing = [m for m in model.metrics if isinstance(m, GradientStats)]
-        if not existing or existing[0].per_layer != self.per_layer_batch_logs:
-            for m in existing:
-                model._metrics.remove(m)
-            model._gradtools_stats = GradientStats(opt, self.per_layer_batch_logs)  # tracked into model._metrics
-            model.train_function = None  # rebuild the train step with the metric in it
 
     def on_train_begin(self, logs=None):
-        opt = self.optimizer
-        if not opt.built:
-            opt.build(self.model.trainable_variables)
+        self._uninstall()  # a wrapper that an interrupted fit() left behind
+        opt, model = self.optimizer, self.model
         if self.record_batches:
             steps = self.params.get("steps") if self.params else None
             retrace = opt.start_recording(self.buffer_steps or steps or 4096, per_layer=self.per_layer)
         else:
             retrace = opt.stop_recording()
-        if retrace and self.model.train_function is not None:  # the buffer is captured when the step is traced
-            self.model.train_function = None
-            self.model.make_train_function()
+        if retrace and model.train_function is not None:  # the buffer is captured when the step is traced
+            model.make_train_function(force=True)
+        if model.train_function is not None:
+            model.train_function = _WithStatistics(model.train_function, self)
+
+    def _uninstall(self):
+        model = self.model
+        if model is not None and isinstance(model.train_function, _WithStatistics):
+            model.train_function = model.train_function.function
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.optimizer.reset_epoch_layer_means()
+        self.optimizer.reset_epoch_means()
 
     def flush(self):
         """Move the rows recorded so far into ``self.history`` (done at every epoch's end)."""
@@ -199,14 +199,9 @@ class GradientLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.flush()
-        if logs is not None:
-            # evaluate() (validation_data, validation_split) reports every metric again as val_*;
-            # there are no validation gradients, so those copies of the training step's numbers go.
-            stats = set(GLOBAL_KEYS)
-            for key in [k for k in logs if k.startswith("val_") and (k[4:] in stats or k[4:].startswith("grad_norm"))]:
-                del logs[key]
         if self.per_layer and logs is not None:
             logs.update({f"grad_norm_mean/{k}": v for k, v in self.optimizer.epoch_layer_means().items()})
 
     def on_train_end(self, logs=None):
+        self._uninstall()
         self.flush()

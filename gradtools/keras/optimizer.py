@@ -112,6 +112,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         self.agc_eps = _checks.positive("agc_eps", agc_eps)
         self.accumulator = GradientAccumulator(accumulation_steps)
         self._var_names: list[str] = []
+        self._recording = None  # (capacity, per_layer) asked for by start_recording()
         self._recorder = None
 
     # Shortcuts to the composed parts.
@@ -123,6 +124,8 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ state
     def build(self, var_list):
+        if self.built:  # as Keras' own optimizers: LossScaleOptimizer and load_model build it again
+            return
         self._var_names = [v.path for v in var_list]
         n = len(var_list)
         zeros = keras.initializers.Zeros()
@@ -138,18 +141,18 @@ class GradOptimizer(keras.optimizers.Optimizer):
             self.nonfinite = scalar("nonfinite_counts", shape=(n,))
             self.skipped = scalar("skipped_steps")
             self.last_skipped = scalar("last_step_skipped")
-            # Running sums over the applied steps of the current epoch (reset by GradientStats.reset_state).
+            # Running sums over the applied steps since reset_epoch_means() (GradientLogger: each epoch).
             self.sum_norm = scalar("epoch_grad_norm_sum")
             self.sum_norm_after = scalar("epoch_clipped_sum")
             self.applied_count = scalar("epoch_applied_steps")
-            # Per-variable sums, reset by GradientLogger at each epoch's start (evaluate() resets metrics
-            # before on_epoch_end, so these cannot live with the metric's).
             self.sum_layer_norms = scalar("epoch_layer_grad_norm_sum", shape=(n,))
             self.layer_applied_count = scalar("epoch_layer_applied_steps")
             self.accumulator.build(self, var_list)
         self.micro_step = self.accumulator.micro_step
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        if self._recording is not None:  # asked for before the model was built (at its first call)
+            self._recorder = self._new_recorder(*self._recording)
 
     @property
     def variables(self):
@@ -181,10 +184,13 @@ class GradOptimizer(keras.optimizers.Optimizer):
         """The statistics of the last optimizer step as tensors, keyed as in ``fit()``'s logs.
 
         ``grad_norm`` and ``grad_norm_clipped`` (0 on a skipped step), ``grad_norm_mean`` and
-        ``grad_norm_clipped_mean`` (over the epoch's applied steps so far), ``clip_threshold``,
-        ``skipped_steps`` (cumulative), ``nonfinite`` and, with ``per_layer``,
-        ``grad_norm/<variable path>``.
+        ``grad_norm_clipped_mean`` (over the applied steps since :meth:`reset_epoch_means`, which
+        ``GradientLogger`` calls at each epoch's start), ``clip_threshold``, ``skipped_steps``
+        (cumulative), ``nonfinite`` and, with ``per_layer``, ``grad_norm/<variable path>``.
+        Empty before the optimizer is built.
         """
+        if not self.built:
+            return {}
         applied = ops.maximum(self.applied_count, 1.0)
         values = (self.norm_before, self.norm_after, self.sum_norm / applied, self.sum_norm_after / applied,
                   self.threshold, self.skipped, ops.sum(self.nonfinite))
@@ -197,37 +203,49 @@ class GradOptimizer(keras.optimizers.Optimizer):
         return [f"grad_norm/{n}" for n in self._var_names]
 
     def epoch_layer_means(self) -> dict:
-        """Mean per-variable gradient norm over the epoch's applied steps so far: ``{path: float}``."""
+        """Mean per-variable gradient norm over the applied steps since :meth:`reset_epoch_means`: ``{path: float}``."""
+        if not self.built:
+            return {}
         applied = max(float(self.layer_applied_count.numpy()), 1.0)
         return dict(zip(self._var_names, (self.sum_layer_norms.numpy() / applied).tolist()))
 
-    def reset_epoch_layer_means(self):
-        """Restart the per-variable running means (``GradientLogger`` does it at each epoch's start)."""
-        self.sum_layer_norms.assign(ops.zeros_like(self.sum_layer_norms))
-        self.layer_applied_count.assign(0.0)
+    def reset_epoch_means(self):
+        """Restart the running means, global and per variable (``GradientLogger`` does it at each epoch's start)."""
+        if self.built:
+            for v in (self.sum_norm, self.sum_norm_after, self.applied_count, self.sum_layer_norms,
+                      self.layer_applied_count):
+                v.assign(ops.zeros_like(v))
 
     def start_recording(self, capacity: int, per_layer: bool = True) -> bool:
         """Record every optimizer step's statistics into a :class:`Recorder` inside the graph.
 
-        The buffer holds ``capacity`` rows and is not saved with the model. Returns True
-        when the train function must be traced again (a new buffer).
+        The buffer holds ``capacity`` rows and is not saved with the model. Before the
+        optimizer is built (a model built at its first call), the buffer is made when it
+        is. Returns True when a train function already traced must be traced again (a
+        new buffer).
         """
         capacity = _checks.integer("capacity", capacity, minimum=1)
+        self._recording = (capacity, bool(per_layer))
         if not self.built:
-            raise RuntimeError("start_recording needs a built optimizer: call "
-                               "optimizer.build(model.trainable_variables)")
-        names = list(GLOBAL_KEYS) + (self._layer_keys() if per_layer else [])
+            return False
         current = self._recorder
-        if current is not None and current.capacity >= capacity and current.names == names:
+        if current is not None and current.capacity >= capacity and current.names == self._recorder_names(per_layer):
             current.count.assign(0)
             return False
-        self._recorder = Recorder(capacity, names)
+        self._recorder = self._new_recorder(capacity, per_layer)
         return True
+
+    def _recorder_names(self, per_layer: bool) -> list:
+        return list(GLOBAL_KEYS) + (self._layer_keys() if per_layer else [])
+
+    def _new_recorder(self, capacity: int, per_layer: bool) -> Recorder:
+        with tf.init_scope():  # build() may run while the first train step is traced
+            return Recorder(capacity, self._recorder_names(per_layer))
 
     def stop_recording(self) -> bool:
         """Stop writing rows; returns True when the train function must be traced again."""
         had = self._recorder is not None
-        self._recorder = None
+        self._recording = self._recorder = None
         return had
 
     def read_recording(self) -> tuple[dict, int]:
