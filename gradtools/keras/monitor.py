@@ -24,7 +24,6 @@ from gradtools.runtime import import_keras
 
 keras = import_keras()
 import tensorflow as tf  # noqa: E402
-from keras import ops  # noqa: E402
 
 __all__ = ["GradientLogger", "Recorder", "GLOBAL_KEYS"]
 
