@@ -71,6 +71,9 @@ class _WithStatistics:
     Installed by :class:`GradientLogger` for one ``fit()``: the step itself, and
     ``evaluate()`` and validation, stay exactly as Keras made them. The statistics are
     read after the step, from the optimizer's variables, without waiting on the device.
+    Keras calls no ``on_train_end`` when an exception ends a ``fit()``, so the wrapper
+    adds statistics only to calls announced by the logger's ``on_train_batch_begin``;
+    any other call (a later ``fit()`` without the logger, ``train_on_batch``) removes it.
     """
 
     def __init__(self, function, logger):
@@ -78,15 +81,20 @@ class _WithStatistics:
         self.logger = logger
 
     def __call__(self, iterator):
+        logger = self.logger
+        if not logger._armed:  # not called by the logger's fit(): one that ended without on_train_end
+            logger._uninstall()
+            return self.function(iterator)
+        logger._armed = False
         try:
             logs = self.function(iterator)
         except (StopIteration, tf.errors.OutOfRangeError):  # the end of an epoch's data: fit() goes on
             raise
         except BaseException:  # fit() ends without on_train_end: leave the model as it was
-            self.logger._uninstall()
+            logger._uninstall()
             raise
         if isinstance(logs, dict):
-            logs = {**logs, **self.logger.optimizer.statistics(self.logger.per_layer_batch_logs)}
+            logs = {**logs, **logger.optimizer.statistics(logger.per_layer_batch_logs)}
         return logs
 
 
@@ -133,7 +141,7 @@ class GradientLogger(keras.callbacks.Callback):
         4
     """
 
-    async_safe = True  # no batch hook: fit() may dispatch asynchronously
+    async_safe = True  # no batch-end hook: fit() may dispatch asynchronously
 
     def __init__(self, per_layer: bool = True, record_batches: bool = True, per_layer_batch_logs: bool = False,
                  buffer_steps: int | None = None):
@@ -144,6 +152,7 @@ class GradientLogger(keras.callbacks.Callback):
         self.buffer_steps = None if buffer_steps is None else _checks.integer("buffer_steps", buffer_steps, minimum=1)
         self.history: dict = {}
         self.lost_steps = 0
+        self._armed = False
 
     def set_model(self, model):
         super().set_model(model)
@@ -176,7 +185,11 @@ class GradientLogger(keras.callbacks.Callback):
         if model.train_function is not None:
             model.train_function = _WithStatistics(model.train_function, self)
 
+    def on_train_batch_begin(self, batch, logs=None):
+        self._armed = True  # the next call of the train function is this fit()'s
+
     def _uninstall(self):
+        self._armed = False
         model = self.model
         if model is not None and isinstance(model.train_function, _WithStatistics):
             model.train_function = model.train_function.function
