@@ -86,13 +86,7 @@ class _WithStatistics:
             logger._uninstall()
             return self.function(iterator)
         logger._armed = False
-        try:
-            logs = self.function(iterator)
-        except (StopIteration, tf.errors.OutOfRangeError):  # the end of an epoch's data: fit() goes on
-            raise
-        except BaseException:  # fit() ends without on_train_end: leave the model as it was
-            logger._uninstall()
-            raise
+        logs = self.function(iterator)
         if isinstance(logs, dict):
             logs = {**logs, **logger.optimizer.statistics(logger.per_layer_batch_logs)}
         return logs
