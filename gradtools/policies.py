@@ -427,16 +427,16 @@ def registered_policies() -> list:
     return sorted(_REGISTRY)
 
 
-def _lookup(name: str) -> type:
+def _lookup(name: str, arg: str = "policy") -> type:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        raise ValueError(f"policy {name!r} is not registered; known policies: {registered_policies()} "
+        raise ValueError(f"{arg} {name!r} is not a registered policy; known policies: {registered_policies()} "
                          f"(register a new one with gradtools.policies.register_policy)") from None
 
 
-def get_policy(policy) -> Policy:
-    """Turn ``policy`` into a clipping policy.
+def get_policy(policy, arg: str = "policy") -> Policy:
+    """Turn ``policy`` into a clipping policy; errors name the argument ``arg``.
 
     Accepts a :class:`Policy`, a positive number (a :class:`FixedThreshold`),
     or the name of a registered policy, built with its defaults: ``"autoclip"``,
@@ -454,11 +454,11 @@ def get_policy(policy) -> Policy:
         return policy
     if isinstance(policy, str):
         if policy.lower() == "fixedthreshold":
-            raise ValueError("policy 'fixedthreshold' needs a threshold: pass the number itself, e.g. 1.0")
-        return _lookup(policy)()
+            raise ValueError(f"{arg} 'fixedthreshold' needs a threshold: pass the number itself, e.g. 1.0")
+        return _lookup(policy, arg)()
     if _checks._is_real(policy):
-        return FixedThreshold(policy)
-    raise TypeError(f"policy must be a Policy, a positive number or a registered name "
+        return FixedThreshold(_checks.positive(arg, policy))
+    raise TypeError(f"{arg} must be a Policy, a positive number or a registered name "
                     f"{registered_policies()}, got {policy!r}")
 
 

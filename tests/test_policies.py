@@ -143,7 +143,7 @@ def test_state_dict_mismatch_errors():
         (lambda: ZClip(clip_option="median"), "clip_option must be one of"),
         (lambda: ZClip(warmup_steps=0), "warmup_steps must be an int >= 1"),
         (lambda: SpikeDetector(window=5, min_history=6), r"min_history must be <= window \(5\), got 6"),
-        (lambda: get_policy("fastclip"), "policy .fastclip. is not registered"),
+        (lambda: get_policy("fastclip"), "policy .fastclip. is not a registered policy"),
     ],
 )
 def test_bad_values(factory, message):

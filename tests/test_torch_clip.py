@@ -145,7 +145,7 @@ def test_clipper_reports_before_and_after(policy):
     (lambda m: gt.top_hessian_eigenvalue(m, lambda m: m(torch.ones(2, 5)).pow(2).sum(), seed="a"), TypeError,
      "seed must be an int"),
     (lambda m: gt.grad_stats(tiny_mlp(1)), ValueError, "none has a gradient: call loss.backward"),
-    (lambda m: gt.Clipper("never"), ValueError, "policy .never. is not registered"),
+    (lambda m: gt.Clipper("never"), ValueError, "policy .never. is not a registered policy"),
     (lambda m: gt.GradGuard(m, "sgd"), TypeError, "optimizer must be a torch.optim.Optimizer, got str"),
     (lambda m: gt.GradGuard(m, torch.optim.SGD(m.parameters(), lr=0.1), action="ignore"), ValueError,
      r"action must be one of \['raise', 'skip', 'zero'\], got 'ignore'"),

@@ -64,7 +64,7 @@ class GradientAccumulator:
             return tf.constant(True)
         index = list(range(len(grads))) if index is None else list(index)
         for i, g in zip(index, grads):
-            self.sums[i].assign_add(tf.cast(g, self.sums[i].dtype))
+            self.sums[i].assign_add(tf.cast(tf.convert_to_tensor(g), self.sums[i].dtype))  # IndexedSlices too
         self.micro_step.assign_add(1)
         self.index = tuple(index)
 

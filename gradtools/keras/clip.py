@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from gradtools import _checks
-from gradtools.keras.norms import _check_grads, _norms, _variables, variable_names
+from gradtools.keras.norms import _check_grads, _map_values, _norms, _variables, variable_names
 from gradtools.runtime import import_keras
 from gradtools.stats import ClipperBase, ClipResult, GradStats
 
@@ -42,7 +42,7 @@ def clip_grads_with_norm(grads, max_norm, total_norm) -> list:
     """Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)``; ``max_norm`` may be a tensor."""
     grads = _check_grads(grads)
     coef = tf.minimum(tf.cast(max_norm, tf.float32) / (tf.cast(total_norm, tf.float32) + 1e-6), 1.0)
-    return [g * tf.cast(coef, g.dtype) for g in grads]
+    return [_map_values(lambda t: t * tf.cast(coef, t.dtype), g) for g in grads]
 
 
 def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0):
@@ -62,7 +62,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0):
 def clip_grad_value(grads, clip_value: float) -> list:
     """Clamp every entry to ``[-clip_value, clip_value]`` (this changes the direction)."""
     clip_value = _checks.positive("clip_value", clip_value)
-    return [tf.clip_by_value(g, -tf.cast(clip_value, g.dtype), tf.cast(clip_value, g.dtype))
+    return [_map_values(lambda t: tf.clip_by_value(t, -tf.cast(clip_value, t.dtype), tf.cast(clip_value, t.dtype)), g)
             for g in _check_grads(grads)]
 
 
@@ -100,6 +100,7 @@ def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float =
         if _excluded(name, exclude):
             out.append(g)
             continue
+        g = tf.convert_to_tensor(g)  # a unit spans every row of an Embedding's table: made dense
         w = tf.cast(v, g.dtype)
         axes, keep = (None, False) if len(g.shape) <= 1 else (list(range(len(g.shape) - 1)), True)
         w_norm = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(w), axis=axes, keepdims=keep)), eps)

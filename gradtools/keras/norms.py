@@ -35,8 +35,16 @@ __all__ = ["GradStats", "grad_stats", "get_total_norm", "count_nonfinite_entries
 
 
 def variable_names(variables) -> list:
-    """Keras paths of ``variables`` (a Model or layer: its trainable variables), e.g. ``"sequential/dense/kernel"``."""
-    return [v.path for v in _variables(variables)]
+    """Keras paths of ``variables`` (a Model or layer: its trainable variables), e.g. ``"sequential/dense/kernel"``.
+
+    A raw ``tf.Variable`` (no Keras path) is named by its TensorFlow name without the ``:0``.
+    """
+    return [_path(v) for v in _variables(variables)]
+
+
+def _path(variable) -> str:
+    path = getattr(variable, "path", None)
+    return path if isinstance(path, str) else variable.name.split(":")[0]
 
 
 def _variables(variables) -> list:
@@ -46,7 +54,19 @@ def _variables(variables) -> list:
 
 
 def _as_float32(g):
+    """The entries to measure, in float32: for ``IndexedSlices`` (an ``Embedding``'s gradient) the
+    slices summed per index, whose norm and non-finite count are those of the dense gradient."""
+    if isinstance(g, tf.IndexedSlices):
+        unique, position = tf.unique(g.indices)
+        g = tf.math.unsorted_segment_sum(g.values, position, tf.shape(unique)[0])
     return g if g.dtype == tf.float32 else tf.cast(g, tf.float32)
+
+
+def _map_values(fn, g):
+    """``fn`` applied to a dense gradient, or to the values of ``IndexedSlices`` (kept sparse)."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape)
+    return fn(g)
 
 
 def _norms(grads: list, norm_type: float = 2.0):
@@ -96,7 +116,8 @@ def _check_grads(grads, arg="grads") -> list:
         missing = [i for i, g in enumerate(grads) if g is None]
         raise ValueError(f"{arg} holds None at positions {missing}: drop the variables without a gradient "
                          "(tape.gradient returns None for variables the loss does not depend on)")
-    return [tf.convert_to_tensor(g) for g in grads]
+    # IndexedSlices stay sparse: Keras' optimizers update only the rows they hold.
+    return [g if isinstance(g, tf.IndexedSlices) else tf.convert_to_tensor(g) for g in grads]
 
 
 def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False):

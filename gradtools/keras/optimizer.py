@@ -18,6 +18,18 @@ each from the module of the same name:
 * :mod:`gradtools.keras.monitor` reads the statistics, kept in this optimizer's
   variables, into ``fit()``'s logs and a per-step history (``GradientLogger``).
 
+It stands in for the optimizer it wraps: ``variables``, ``set_weights()`` and the
+saved files are the inner optimizer's (GradOptimizer's own state is saved beside
+them, so a plain optimizer's ``.weights.h5`` loads); the name, learning rate, weight
+decay (and its exclusions), EMA, ``loss_scale_factor`` and the ``overwrite_with_gradient``
+variables (float8 scales) behave as on the inner optimizer; ``IndexedSlices`` gradients
+(``Embedding``) are measured as the dense gradient but handed on sparse. Under a
+``tf.distribute`` strategy (``MirroredStrategy``), the gradients are summed over the
+replicas first and measured, decided on and clipped once, in a cross-replica context,
+so that every replica takes the same step. The inner optimizer's own clipping
+(``clipnorm``, ``global_clipnorm``, ``clipvalue``) and ``gradient_accumulation_steps``
+are refused: ``clip``, ``agc`` and ``accumulation_steps`` replace them.
+
 Requirements: a non-XLA train function, ``model.compile(..., jit_compile=False)``
 (the decision runs in Python once per step); tracing under XLA raises a clear
 error. The policy's and the guard's running state (AutoClip history, ZClip
@@ -39,8 +51,8 @@ from gradtools.keras.accumulate import GradientAccumulator
 from gradtools.keras.clip import Clipper, adaptive_clip_grad
 from gradtools.keras.guard import GradGuard
 from gradtools.keras.monitor import GLOBAL_KEYS, Recorder
-from gradtools.keras.norms import _norms
-from gradtools.policies import Policy, SpikeDetector, policy_config, policy_from_config
+from gradtools.keras.norms import _map_values, _norms, _path
+from gradtools.policies import SpikeDetector, get_policy, policy_config, policy_from_config
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -51,13 +63,39 @@ __all__ = ["GradOptimizer"]
 
 
 def _clip_config(clip):
+    """What the saved config holds for ``clip``, once :func:`get_policy` has accepted it."""
     if clip is None or isinstance(clip, str):
         return clip
     if _checks._is_real(clip):  # NumPy scalars too; a plain float in the saved config
         return float(clip)
-    if isinstance(clip, Policy):
-        return policy_config(clip)
-    raise TypeError(f"clip must be None, a positive number, a registered policy name or a Policy, got {clip!r}")
+    return policy_config(clip)
+
+
+# Clipping that Keras' optimizers do inside apply(), after GradOptimizer has measured and decided.
+_INNER_CLIPPING = ("clipnorm", "global_clipnorm", "clipvalue")
+# Settings that live on the inner optimizer, read and set through the wrapper.
+_INNER_SETTINGS = ("weight_decay", "use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor")
+
+
+def _inner_setting(name):
+    def get(self):
+        return getattr(self.inner_optimizer, name) if "inner_optimizer" in self.__dict__ else None
+
+    def set(self, value):
+        if "inner_optimizer" in self.__dict__:  # the base class's __init__ sets them before it exists
+            setattr(self.inner_optimizer, name, value)
+
+    return property(get, set, doc=f"The inner optimizer's ``{name}``.")
+
+
+def _first_replica_only(g, first):
+    """``g`` in the first replica, an empty gradient of its kind elsewhere (``first``: bool or tensor)."""
+    if isinstance(g, tf.IndexedSlices):
+        rows = tf.where(first, tf.shape(g.indices)[0], 0) if tf.is_tensor(first) else (None if first else 0)
+        return tf.IndexedSlices(tf.identity(g.values[:rows]), tf.identity(g.indices[:rows]), g.dense_shape)
+    if tf.is_tensor(first):
+        return tf.where(first, g, tf.zeros_like(g))
+    return tf.identity(g) if first else tf.zeros_like(g)  # a tensor of this replica's own, all-reduced
 
 
 @keras.saving.register_keras_serializable(package="gradtools")
@@ -92,21 +130,33 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, inner_optimizer, clip=None, agc=None, agc_eps=1e-3, action="skip", spike=None,
                  max_consecutive_skips=10, accumulation_steps=1, name=None, **kwargs):
+        for arg in _INNER_CLIPPING:
+            if arg in kwargs:
+                raise ValueError(f"GradOptimizer does not take {arg}: its clip= is the one clip, by global norm "
+                                 f"(clip={kwargs[arg]!r}, or a policy such as clip='zclip'), or unit-wise (agc=)")
         if kwargs:
             raise ValueError(f"GradOptimizer does not take {sorted(kwargs)}: set them on the inner_optimizer")
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"inner_optimizer must be a keras.optimizers.Optimizer, got "
                             f"{type(inner_optimizer).__name__}")
+        for arg in _INNER_CLIPPING:
+            value = getattr(inner_optimizer, arg, None)
+            if value is not None:
+                raise ValueError(f"inner_optimizer has {arg}={value!r}: it would clip a second time, after "
+                                 "GradOptimizer has measured, logged and decided. Remove it there and use "
+                                 "GradOptimizer's clip= (a global-norm threshold or a policy) or agc= (unit-wise)")
         if getattr(inner_optimizer, "gradient_accumulation_steps", None):
             raise ValueError("inner_optimizer has gradient_accumulation_steps set: use "
                              "GradOptimizer(accumulation_steps=...) instead, so that clipping, statistics and "
                              "learning-rate schedules see whole optimizer steps")
-        super().__init__(learning_rate=0.0, name=name)
+        policy = None if clip is None else get_policy(clip, "clip")
+        # The inner optimizer's name, unless given: TensorBoard's keys and variable paths stay the same.
+        super().__init__(learning_rate=0.0, name=inner_optimizer.name if name is None else name)
         self.inner_optimizer = inner_optimizer
         self.clip = _clip_config(clip)
         if isinstance(spike, dict):
             spike = SpikeDetector.from_config(spike)
-        self.clipper = None if clip is None else Clipper(clip)
+        self.clipper = None if policy is None else Clipper(policy)
         self.guard = GradGuard(None, action, spike, max_consecutive_skips, clipper=self.clipper)
         self.agc = None if agc is None else _checks.positive("agc", agc)
         self.agc_eps = _checks.positive("agc_eps", agc_eps)
@@ -122,11 +172,36 @@ class GradOptimizer(keras.optimizers.Optimizer):
     last_error = property(lambda self: self.guard.last_error,
                           doc="The guard's last error (NonFiniteGradientError or TooManySkipsError).")
 
+    # The inner optimizer's settings, read and set through the wrapper (MultiOptimizer sets
+    # loss_scale_factor on the optimizers it holds; SwapEMAWeights reads use_ema).
+    weight_decay = _inner_setting("weight_decay")
+    ema_momentum = _inner_setting("ema_momentum")
+    ema_overwrite_frequency = _inner_setting("ema_overwrite_frequency")
+    loss_scale_factor = _inner_setting("loss_scale_factor")
+    _use_ema = _inner_setting("use_ema")
+
+    @property
+    def use_ema(self):
+        """The inner optimizer's ``use_ema`` (it keeps the averages; ``SwapEMAWeights`` finds them)."""
+        return False if self.__dict__.get("_building") else self._use_ema  # no averages of our own
+
+    @use_ema.setter
+    def use_ema(self, value):
+        self._use_ema = value
+
+    @property
+    def _model_variables_moving_average(self):
+        return self.inner_optimizer._model_variables_moving_average  # AttributeError without use_ema, as Keras
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Exclude variables from the inner optimizer's weight decay (it decays the weights)."""
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
     # ------------------------------------------------------------------ state
     def build(self, var_list):
         if self.built:  # as Keras' own optimizers: LossScaleOptimizer and load_model build it again
             return
-        self._var_names = [v.path for v in var_list]
+        self._var_names = [_path(v) for v in var_list]
         n = len(var_list)
         zeros = keras.initializers.Zeros()
 
@@ -150,13 +225,44 @@ class GradOptimizer(keras.optimizers.Optimizer):
             self.accumulator.build(self, var_list)
         self.micro_step = self.accumulator.micro_step
         self.inner_optimizer.build(var_list)
-        super().build(var_list)
+        self._building = True
+        try:
+            super().build(var_list)
+        finally:
+            self._building = False
         if self._recording is not None:  # asked for before the model was built (at its first call)
             self._recorder = self._new_recorder(*self._recording)
 
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        """The inner optimizer's variables, as on the plain optimizer (same count, order and files).
+
+        GradOptimizer's own state (statistics, accumulation window, policy) is saved beside them.
+        """
+        return self.inner_optimizer.variables
+
+    def __getattr__(self, name):
+        # Anything else the inner optimizer offers (Muon's lr_adjust, Nadam's _u_product, ...).
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None or name.startswith(("__", "_self_")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """The inner optimizer's raw update of one variable (no guard, clip or statistics)."""
+        return self.inner_optimizer.update_step(gradient, variable, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        self.inner_optimizer._apply_weight_decay(variables)
+
+    def __dir__(self):
+        # Keras' saving walks dir() for nested optimizers: hidden there, the inner optimizer is saved
+        # only through this one (save_own_variables), so the files have a plain optimizer's layout.
+        return [name for name in super().__dir__() if name != "inner_optimizer"]
+
+    def set_weights(self, weights):
+        """Set the inner optimizer's variables, as ``set_weights`` on the plain optimizer does."""
+        self.inner_optimizer.set_weights(weights)
 
     @property
     def learning_rate(self):
@@ -263,22 +369,32 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ saving
     _STATE_KEY = "gradtools_state"
+    _OWN_PREFIX = "gradtools_"
 
     def save_own_variables(self, store):
-        """Variables as Keras saves them, plus the guard's and policy's running state (JSON, as bytes)."""
-        super().save_own_variables(store)
-        state = json.dumps(self.guard.state_dict()).encode()
-        store[self._STATE_KEY] = np.frombuffer(state, dtype=np.uint8)
+        """The inner optimizer's variables under the keys a plain optimizer uses ("0", "1", ...), then
+        GradOptimizer's own ("gradtools_0", ...) and the guard's and policy's running state (JSON bytes)."""
+        self.inner_optimizer.save_own_variables(store)
+        for i, variable in enumerate(self._variables):
+            store[f"{self._OWN_PREFIX}{i}"] = variable.numpy()
+        store[self._STATE_KEY] = np.frombuffer(json.dumps(self.guard.state_dict()).encode(), dtype=np.uint8)
 
     def load_own_variables(self, store):
-        keys = [k for k in store.keys() if k != self._STATE_KEY]
-        if len(keys) != len(self.variables):
+        """Load what :meth:`save_own_variables` wrote, or a plain optimizer's file (the inner state only)."""
+        keys = list(store.keys())
+        inner = [k for k in keys if k.isdigit()]
+        own = [k for k in keys if k.startswith(self._OWN_PREFIX) and k[len(self._OWN_PREFIX):].isdigit()]
+        if len(inner) != len(self.variables) or (own and len(own) != len(self._variables)):
             warnings.warn(f"Skipping variable loading for optimizer {self.name!r}: it has {len(self.variables)} "
-                          f"variables, the saved one {len(keys)}", stacklevel=2)
+                          f"variables and {len(self._variables)} of its own, the saved one {len(inner)} and "
+                          f"{len(own)}", stacklevel=2)
             return
         for i, variable in enumerate(self.variables):
             variable.assign(store[str(i)])
-        if self._STATE_KEY in store.keys():  # absent in files that an older gradtools wrote
+        if own:  # absent in a plain optimizer's file: GradOptimizer's state starts afresh
+            for i, variable in enumerate(self._variables):
+                variable.assign(store[f"{self._OWN_PREFIX}{i}"])
+        if self._STATE_KEY in keys:
             raw = np.asarray(store[self._STATE_KEY], dtype=np.uint8).tobytes()
             self.guard.load_state_dict(json.loads(raw.decode()))
 
@@ -308,7 +424,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
     # ------------------------------------------------------------------ the step
-    def _apply_window(self, grads, trainable_variables, index):
+    def _apply_window(self, grads, trainable_variables, index, strategy=None):
         n = len(self._var_names)
 
         def full(values):  # per-variable values of this step's subset, in the built order
@@ -333,7 +449,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
             self.layer_applied_count.assign_add(1.0)
             self.sum_norm_after.assign_add(after)
             self.last_skipped.assign(0.0)
-            self.inner_optimizer.apply(clipped, trainable_variables)
+            self._inner_apply(clipped, trainable_variables, strategy)
             return tf.constant(True)
 
         def skip():
@@ -346,11 +462,29 @@ class GradOptimizer(keras.optimizers.Optimizer):
         self._record_step()
         return applied
 
+    def _inner_apply(self, grads, variables, strategy):
+        scale = self.loss_scale_factor
+        if scale is not None:  # the inner optimizer divides by it, as it does the gradients Keras hands it
+            grads = [_map_values(lambda t: t * ops.cast(scale, t.dtype), g) for g in grads]
+        if strategy is None:
+            self.inner_optimizer.apply(grads, variables)
+            return
+        # In each replica the inner optimizer sums the gradients over the replicas (an all-reduce) before
+        # its update: the first replica hands on the gradient already summed, the others nothing (zeros;
+        # no slices of a sparse gradient), so the sum is exact and sparse updates see the same slices.
+        def in_replica():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            first = tf.get_static_value(replica)
+            first = (replica == 0) if first is None else bool(first == 0)
+            self.inner_optimizer.apply([_first_replica_only(g, first) for g in grads], variables)
+
+        strategy.extended.call_for_each_replica(in_replica)
+
     def _index_of(self, variable) -> int:
         try:
             return self._get_variable_index(variable)
         except KeyError:
-            raise ValueError(f"variable {variable.path!r} is not one this GradOptimizer was built with "
+            raise ValueError(f"variable {_path(variable)!r} is not one this GradOptimizer was built with "
                              f"({len(self._var_names)} variables): build a new optimizer for a new model") from None
 
     def apply(self, grads, trainable_variables=None):
@@ -361,16 +495,57 @@ class GradOptimizer(keras.optimizers.Optimizer):
             self.build(trainable_variables)
             self.built = True
         pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
+        if not pairs:
+            raise ValueError(f"No gradients provided for any variable: {[_path(v) for v in trainable_variables]}")
         if len(pairs) < len(trainable_variables):  # as Keras' own optimizers do: warn, drop, go on
-            missing = [v.path for g, v in zip(grads, trainable_variables) if g is None]
+            missing = [_path(v) for g, v in zip(grads, trainable_variables) if g is None]
             warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss; "
                           "GradOptimizer leaves them out of the step and of the norms", UserWarning, stacklevel=2)
-        if not pairs:
-            return
+        overwrite = [(g, v) for g, v in pairs if getattr(v, "overwrite_with_gradient", False)]
+        if overwrite:  # e.g. float8 scales: assigned their "gradient", not stepped, measured or clipped
+            self._overwrite_with_gradients(overwrite)
+            pairs = [(g, v) for g, v in pairs if not getattr(v, "overwrite_with_gradient", False)]
+            if not pairs:
+                return
         grads = [g for g, _ in pairs]
         variables = [v for _, v in pairs]
         index = [self._index_of(v) for v in variables]
-        self.accumulator.add(grads, lambda window: self._apply_window(window, variables, index), index)
+        scale = self.loss_scale_factor
+        if scale is not None:  # scale_loss() multiplied the loss: measure and clip the true gradient
+            grads = [_map_values(lambda t: t / ops.cast(scale, t.dtype), g) for g in grads]
+        replica = tf.distribute.get_replica_context()
+        if tf.distribute.has_strategy() and replica is not None:
+            # A replica of a tf.distribute strategy (fit() under MirroredStrategy): measure, decide and
+            # clip once, in a cross-replica context, on the gradient summed over the replicas, so that
+            # every replica takes the same decision and the step equals one on the whole global batch.
+            summed = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            replica.merge_call(lambda strategy, summed: self._accumulate(
+                [strategy.experimental_local_results(g)[0] for g in summed], variables, index, strategy),
+                args=(summed,))
+            return
+        self._accumulate(grads, variables, index, self._cross_replica_strategy())
+
+    def _overwrite_with_gradients(self, pairs):
+        """As Keras' optimizers do, before anything else: the variable takes its gradient's value;
+        over an accumulation window, the maximum of the window's values at its last micro-batch."""
+        k = self.accumulation_steps
+        for g, v in pairs:
+            if k == 1:
+                v.assign(g)
+                continue
+            held = self.accumulator.sums[self._index_of(v)]
+            last = (self.micro_step + 1) % k == 0
+            top = ops.maximum(g, held)
+            v.assign(ops.where(last, top, v))
+            held.assign(ops.where(last, ops.zeros_like(top), top))
+
+    @staticmethod
+    def _cross_replica_strategy():
+        """The strategy when called in its cross-replica context (eagerly, under ``strategy.scope()``)."""
+        return tf.distribute.get_strategy() if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() else None
+
+    def _accumulate(self, grads, variables, index, strategy):
+        self.accumulator.add(grads, lambda window: self._apply_window(window, variables, index, strategy), index)
 
     def flush(self) -> bool:
         """Apply a partial accumulation window now (eagerly), e.g. at an epoch's end.
@@ -386,7 +561,8 @@ class GradOptimizer(keras.optimizers.Optimizer):
             return False
         index = list(self.accumulator.index)  # the variables of the window it holds
         variables = [self._trainable_variables[i] for i in index]
-        return self.accumulator.flush(lambda window: self._apply_window(window, variables, index))
+        strategy = self._cross_replica_strategy()
+        return self.accumulator.flush(lambda window: self._apply_window(window, variables, index, strategy))
 
     def apply_gradients(self, grads_and_vars):
         grads, variables = zip(*grads_and_vars)
