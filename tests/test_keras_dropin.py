@@ -294,7 +294,9 @@ def test_no_gradient_for_any_variable_raises_as_keras_does():
 # ---------------------------------------------------------------- MirroredStrategy
 def test_mirrored_strategy_trains_on_the_all_reduced_gradient_like_one_device():
     script = os.path.join(HERE, "keras_mirrored.py")
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(gk.__file__))))
+    env = {**os.environ, "PYTHONPATH": root}  # the gradtools this test imported, in the subprocess too
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(results) == {"clip", "autoclip_accumulate", "agc_skip", "adam_sparse"}
