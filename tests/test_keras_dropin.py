@@ -71,16 +71,18 @@ def _ids():
 
 
 @pytest.mark.parametrize("inner", ["adam", "rmsprop", "sgd"])
-@pytest.mark.parametrize("action", ["skip", "zero"])
-def test_sparse_gradients_reach_the_inner_optimizer_as_in_plain_keras(inner, action):
+@pytest.mark.parametrize("settings", [{"action": "skip"}, {"action": "zero"}, {"agc": 1e6}, {"clip": 1e6}],
+                         ids=["skip", "zero", "agc", "clip"])
+def test_sparse_gradients_reach_the_inner_optimizer_as_in_plain_keras(inner, settings):
     # Keras' Adam and RMSprop square each slice of an IndexedSlices gradient: with a repeated
-    # id that differs from squaring the dense gradient. The wrapper must hand the slices on.
+    # id that differs from squaring the dense gradient. The wrapper must hand the slices on,
+    # also through a clip and AGC that leave them as they are.
     ids, y = _ids()
     runs = []
     for wrap in (False, True):
         opt = keras.optimizers.get({"class_name": inner, "config": {"learning_rate": 0.05}})
         if wrap:
-            opt = gk.GradOptimizer(opt, action=action)
+            opt = gk.GradOptimizer(opt, **settings)
         model = _embedding_model()
         model.compile(optimizer=opt, loss="mse", jit_compile=False)
         model.fit(ids, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
@@ -106,17 +108,22 @@ def test_sparse_gradient_norms_are_those_of_the_dense_gradient():
     np.testing.assert_allclose(float(opt.norm_after), 1e-3, rtol=1e-4)
 
 
-def test_zero_action_on_a_sparse_gradient_zeroes_only_the_bad_entries():
-    table = keras.Variable(np.ones((5, 2), np.float32), name="table")
-    values = np.array([[1.0, np.nan], [2.0, 2.0]], np.float32)
-    grad = tf.IndexedSlices(tf.constant(values), tf.constant([1, 3]), tf.constant([5, 2]))
-    opt = gk.GradOptimizer(keras.optimizers.SGD(0.5), action="zero")
-    opt.apply([grad], [table])
+def test_zero_action_on_a_sparse_gradient_zeroes_the_dense_gradients_bad_entries():
+    # row 1 twice: its dense entries are [1 + 10, 2 + nan] = [11, nan]; only the nan entry is zeroed
+    values = np.array([[1.0, 2.0], [3.0, 4.0], [10.0, np.nan]], np.float32)
+    sparse = tf.IndexedSlices(tf.constant(values), tf.constant([1, 3, 1]), tf.constant([5, 2]))
+    steps = []
+    for grad in (sparse, tf.convert_to_tensor(sparse)):
+        table = keras.Variable(np.ones((5, 2), np.float32), name="table")
+        opt = gk.GradOptimizer(keras.optimizers.SGD(0.5), action="zero")
+        opt.apply([grad], [table])
+        steps.append(table.numpy())
+        assert int(opt.iterations) == 1 and float(opt.nonfinite.numpy().sum()) == 1.0
     expect = np.ones((5, 2), np.float32)
-    expect[1] = [0.5, 1.0]  # the nan entry zeroed, its row's other entry stepped
-    expect[3] = [0.0, 0.0]
-    np.testing.assert_array_equal(table.numpy(), expect)
-    assert int(opt.iterations) == 1 and float(opt.nonfinite.numpy().sum()) == 1.0
+    expect[1] = [1.0 - 0.5 * 11.0, 1.0]  # the nan entry zeroed (both of its slices), the other stepped
+    expect[3] = [1.0 - 0.5 * 3.0, 1.0 - 0.5 * 4.0]
+    np.testing.assert_array_equal(steps[0], expect)
+    np.testing.assert_array_equal(steps[1], expect)
 
 
 # ---------------------------------------------------------------- the inner optimizer's clipping
@@ -139,6 +146,18 @@ def test_clipping_on_the_inner_optimizer_is_refused_naming_the_argument(arg):
 def test_a_bad_clip_is_named_clip(clip, message):
     with pytest.raises((ValueError, TypeError), match=message):
         gk.GradOptimizer(keras.optimizers.SGD(), clip=clip)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: gk.GradOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())),
+     "must not be a LossScaleOptimizer: wrap the other way round, LossScaleOptimizer\\(GradOptimizer"),
+    (lambda: gk.GradOptimizer(gk.GradOptimizer(keras.optimizers.SGD())), "must not be a GradOptimizer"),
+    (lambda: gk.GradOptimizer(keras.optimizers.SGD(), gradient_accumulation_steps=4),
+     "does not take gradient_accumulation_steps: use accumulation_steps=4"),
+])
+def test_wrappings_that_would_train_wrongly_are_refused(call, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        call()
 
 
 # ---------------------------------------------------------------- loss_scale_factor

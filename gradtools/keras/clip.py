@@ -100,16 +100,16 @@ def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float =
         if _excluded(name, exclude):
             out.append(g)
             continue
-        g = tf.convert_to_tensor(g)  # a unit spans every row of an Embedding's table: made dense
-        w = tf.cast(v, g.dtype)
-        axes, keep = (None, False) if len(g.shape) <= 1 else (list(range(len(g.shape) - 1)), True)
+        dense = tf.convert_to_tensor(g)  # a unit spans every row of an Embedding's table
+        w = tf.cast(v, dense.dtype)
+        axes, keep = (None, False) if len(dense.shape) <= 1 else (list(range(len(dense.shape) - 1)), True)
         w_norm = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(w), axis=axes, keepdims=keep)), eps)
-        g_norm = tf.sqrt(tf.reduce_sum(tf.square(g), axis=axes, keepdims=keep))
+        g_norm = tf.sqrt(tf.reduce_sum(tf.square(dense), axis=axes, keepdims=keep))
         limit = clip_factor * w_norm
         # timm's rule: a unit under its limit is left alone, also when the limit is below the 1e-6 floor
         scale = tf.where(g_norm < limit, tf.ones_like(g_norm), limit / tf.maximum(g_norm, 1e-6))
         count += tf.reduce_sum(tf.cast(scale < 1.0, tf.int64))
-        out.append(g * scale)
+        out.append(_map_values(lambda t: t * scale, g))  # IndexedSlices stay sparse: a unit's scale is per column
     return out, count
 
 

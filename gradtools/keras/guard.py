@@ -36,7 +36,7 @@ import numpy as np
 
 from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.keras.clip import clip_grads_with_norm
-from gradtools.keras.norms import _check_grads, _map_values, _norms, _path, count_nonfinite_entries
+from gradtools.keras.norms import _check_grads, _norms, _path, _zero_nonfinite, count_nonfinite_entries
 from gradtools.policies import SpikeDetector
 from gradtools.runtime import import_keras
 
@@ -151,7 +151,7 @@ class GradGuard(GuardBase):
         checked = total
         if self.decider.action == "zero":
             def zero_then_decide():
-                zeroed = [_map_values(lambda t: tf.where(tf.math.is_finite(t), t, tf.zeros_like(t)), g) for g in grads]
+                zeroed = [_zero_nonfinite(g) for g in grads]
                 t = _norms(zeroed, self.norm_type)[1]
                 thr, ok = self._host(self._after_zeroing, [t])
                 return zeroed, thr, ok, t

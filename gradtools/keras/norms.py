@@ -53,13 +53,29 @@ def _variables(variables) -> list:
     return list(variables)
 
 
+def _rows(g):
+    """The rows of ``IndexedSlices`` summed per index (the dense gradient's non-zero rows), and
+    each slice's position among them."""
+    unique, position = tf.unique(g.indices)
+    return tf.math.unsorted_segment_sum(g.values, position, tf.shape(unique)[0]), position
+
+
 def _as_float32(g):
     """The entries to measure, in float32: for ``IndexedSlices`` (an ``Embedding``'s gradient) the
     slices summed per index, whose norm and non-finite count are those of the dense gradient."""
     if isinstance(g, tf.IndexedSlices):
-        unique, position = tf.unique(g.indices)
-        g = tf.math.unsorted_segment_sum(g.values, position, tf.shape(unique)[0])
+        g = _rows(g)[0]
     return g if g.dtype == tf.float32 else tf.cast(g, tf.float32)
+
+
+def _zero_nonfinite(g):
+    """``g`` with 0 where the dense gradient is inf/nan; ``IndexedSlices`` stay sparse, every
+    slice of a non-finite dense entry zeroed (so the sum is the dense gradient zeroed)."""
+    if isinstance(g, tf.IndexedSlices):
+        rows, position = _rows(g)
+        finite = tf.gather(tf.math.is_finite(rows), position)
+        return tf.IndexedSlices(tf.where(finite, g.values, tf.zeros_like(g.values)), g.indices, g.dense_shape)
+    return tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
 
 
 def _map_values(fn, g):

@@ -18,17 +18,22 @@ each from the module of the same name:
 * :mod:`gradtools.keras.monitor` reads the statistics, kept in this optimizer's
   variables, into ``fit()``'s logs and a per-step history (``GradientLogger``).
 
-It stands in for the optimizer it wraps: ``variables``, ``set_weights()`` and the
-saved files are the inner optimizer's (GradOptimizer's own state is saved beside
-them, so a plain optimizer's ``.weights.h5`` loads); the name, learning rate, weight
-decay (and its exclusions), EMA, ``loss_scale_factor`` and the ``overwrite_with_gradient``
-variables (float8 scales) behave as on the inner optimizer; ``IndexedSlices`` gradients
-(``Embedding``) are measured as the dense gradient but handed on sparse. Under a
-``tf.distribute`` strategy (``MirroredStrategy``), the gradients are summed over the
-replicas first and measured, decided on and clipped once, in a cross-replica context,
-so that every replica takes the same step. The inner optimizer's own clipping
-(``clipnorm``, ``global_clipnorm``, ``clipvalue``) and ``gradient_accumulation_steps``
-are refused: ``clip``, ``agc`` and ``accumulation_steps`` replace them.
+It stands in for the optimizer it wraps: ``variables`` and ``set_weights()`` are
+the inner optimizer's, and a plain optimizer's ``.weights.h5`` loads (GradOptimizer's
+own state is saved beside it, so a plain optimizer skips a GradOptimizer's file,
+with Keras' warning); the name, learning rate,
+weight decay (and its exclusions), EMA, ``loss_scale_factor`` and the
+``overwrite_with_gradient`` variables (float8 scales) behave as on the inner optimizer.
+``IndexedSlices`` gradients (``Embedding``) are measured, zeroed and clipped as the
+dense gradient but handed on sparse (an accumulation window's mean is dense, as in
+Keras' own accumulation); Keras' ``clipnorm``/``global_clipnorm`` instead count a row
+that a batch repeats once per slice. Under a ``tf.distribute`` strategy
+(``MirroredStrategy``), the gradients are summed over the replicas first and measured,
+decided on and clipped once, in a cross-replica context, so that every replica takes
+the same step. The inner optimizer's own clipping (``clipnorm``, ``global_clipnorm``,
+``clipvalue``) and ``gradient_accumulation_steps`` are refused (``clip``, ``agc`` and
+``accumulation_steps`` replace them), and so is a ``LossScaleOptimizer`` inside: it
+goes outside, ``LossScaleOptimizer(GradOptimizer(...))``, as ``compile()`` puts it.
 
 Requirements: a non-XLA train function, ``model.compile(..., jit_compile=False)``
 (the decision runs in Python once per step); tracing under XLA raises a clear
@@ -134,11 +139,19 @@ class GradOptimizer(keras.optimizers.Optimizer):
             if arg in kwargs:
                 raise ValueError(f"GradOptimizer does not take {arg}: its clip= is the one clip, by global norm "
                                  f"(clip={kwargs[arg]!r}, or a policy such as clip='zclip'), or unit-wise (agc=)")
+        if "gradient_accumulation_steps" in kwargs:
+            raise ValueError("GradOptimizer does not take gradient_accumulation_steps: use accumulation_steps="
+                             f"{kwargs['gradient_accumulation_steps']!r}")
         if kwargs:
             raise ValueError(f"GradOptimizer does not take {sorted(kwargs)}: set them on the inner_optimizer")
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"inner_optimizer must be a keras.optimizers.Optimizer, got "
                             f"{type(inner_optimizer).__name__}")
+        if isinstance(inner_optimizer, (GradOptimizer, keras.optimizers.LossScaleOptimizer)):
+            raise TypeError(f"inner_optimizer must not be a {type(inner_optimizer).__name__}: "
+                            + ("give one GradOptimizer all the settings" if isinstance(inner_optimizer, GradOptimizer)
+                               else "wrap the other way round, LossScaleOptimizer(GradOptimizer(...)), as "
+                                    "compile() does under a mixed-precision policy, so that the loss is scaled"))
         for arg in _INNER_CLIPPING:
             value = getattr(inner_optimizer, arg, None)
             if value is not None:
