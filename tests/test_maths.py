@@ -1,6 +1,5 @@
 """NumPy toys: thresholds measured against theory, the RNN cliff's gradient, data generators."""
 
-import math
 
 import numpy as np
 import pytest

@@ -20,10 +20,10 @@ each from the module of the same name:
 
 It stands in for the optimizer it wraps: ``variables`` and ``set_weights()`` are
 the inner optimizer's, and a plain optimizer's ``.weights.h5`` loads (GradOptimizer's
-own state is saved beside it, so a plain optimizer skips a GradOptimizer's file,
-with Keras' warning); the name, learning rate,
-weight decay (and its exclusions), EMA, ``loss_scale_factor`` and the
-``overwrite_with_gradient`` variables (float8 scales) behave as on the inner optimizer.
+own state is saved beside it, so a plain optimizer skips a GradOptimizer's file, with
+Keras' warning); the name, learning rate, weight decay (and its exclusions), EMA,
+``loss_scale_factor`` and the ``overwrite_with_gradient`` variables (float8 scales)
+behave as on the inner optimizer.
 ``IndexedSlices`` gradients (``Embedding``) are measured, zeroed and clipped as the
 dense gradient but handed on sparse (an accumulation window's mean is dense, as in
 Keras' own accumulation); Keras' ``clipnorm``/``global_clipnorm`` instead count a row
@@ -78,8 +78,6 @@ def _clip_config(clip):
 
 # Clipping that Keras' optimizers do inside apply(), after GradOptimizer has measured and decided.
 _INNER_CLIPPING = ("clipnorm", "global_clipnorm", "clipvalue")
-# Settings that live on the inner optimizer, read and set through the wrapper.
-_INNER_SETTINGS = ("weight_decay", "use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor")
 
 
 def _inner_setting(name):
@@ -555,7 +553,9 @@ class GradOptimizer(keras.optimizers.Optimizer):
     @staticmethod
     def _cross_replica_strategy():
         """The strategy when called in its cross-replica context (eagerly, under ``strategy.scope()``)."""
-        return tf.distribute.get_strategy() if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() else None
+        if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
+            return tf.distribute.get_strategy()
+        return None
 
     def _accumulate(self, grads, variables, index, strategy):
         self.accumulator.add(grads, lambda window: self._apply_window(window, variables, index, strategy), index)
