@@ -131,6 +131,18 @@ def check_run(steps, spike_at, spike_factor):
     return steps, spike_at, _checks.positive("spike_factor", spike_factor)
 
 
+def check_clipping(clip, agc, normalize):
+    """The clipping arguments of the backends' ``train``: ``(policy or None, agc or None)``."""
+    from gradtools.policies import get_policy
+
+    policy = None if clip is None else get_policy(clip, "clip")
+    agc = None if agc is None else _checks.positive("agc", agc)
+    if normalize and (policy is not None or agc is not None):
+        raise ValueError("normalize=True divides the gradient by its norm, so there is nothing left to clip: "
+                         f"pass clip={clip!r}, agc={agc!r} or normalize=True, not both")
+    return policy, agc
+
+
 @dataclass
 class TrainTrace:
     """One training run, step by step (lists of floats, index = step).
@@ -139,7 +151,11 @@ class TrainTrace:
     norm the optimiser received (after any injected spike, before normalising);
     ``update_norms``: ``||w_after - w_before||`` over all weights; ``lrs``: the
     learning rate each step used; ``weight_norms``: the global norm of the
-    weights before each step.
+    weights before each step. With clipping (``train(..., clip=, agc=)``):
+    ``thresholds``: the global-norm threshold each step used (``inf``: none);
+    ``clipped``: whether the step's norm was above its threshold or, with AGC,
+    any unit was scaled down (a norm equal to its threshold, as AutoClip's first,
+    is not clipped, whatever the last bit of the factor in either framework).
     """
 
     losses: list = field(default_factory=list)
@@ -147,6 +163,8 @@ class TrainTrace:
     update_norms: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
     weight_norms: list = field(default_factory=list)
+    thresholds: list = field(default_factory=list)
+    clipped: list = field(default_factory=list)
 
     @classmethod
     def from_rows(cls, rows) -> "TrainTrace":

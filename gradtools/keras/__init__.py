@@ -24,6 +24,8 @@ from gradtools.keras.clip import (  # noqa: E402
     clip_grad_value,
     clip_grads_with_norm,
     compare_clipping,
+    direction_change,
+    unit_ratios,
 )
 from gradtools.keras.guard import GradGuard, GuardCheck, NonFiniteGradientError, TooManySkipsError  # noqa: E402
 from gradtools.keras.lr_range import LRRangeResult, LRRangeTest  # noqa: E402
@@ -39,7 +41,7 @@ from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients,
 
 __all__ = [
     "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
-    "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping", "get_total_norm",
+    "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping", "direction_change", "get_total_norm", "unit_ratios",
     "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger", "GradOptimizer",
     "GradStats", "GuardCheck", "hessian_vector_product", "layer_gradients", "LayerGradients", "learning_rates",
     "loss_gradients", "LRRangeResult", "LRRangeTest", "make_optimizer", "mlp", "NonFiniteGradientError", "OneCycle",

@@ -10,6 +10,8 @@ PyTorch in the tests. Every function works eagerly and inside a ``tf.function``.
 * :func:`clip_grad_value` clamps every entry, as ``clipvalue``;
 * :func:`adaptive_clip_grad` is unit-wise adaptive clipping (AGC, Brock et al. 2021);
 * :class:`~gradtools.keras.clip.Clipper` applies any policy of :mod:`gradtools.policies`;
+* :func:`unit_ratios` measures what AGC acts on, per unit; :func:`direction_change`
+  the angle by which a clip turned the gradient (the twins of ``gradtools.torch``'s).
 * :func:`compare_clipping` runs Keras' three options and PyTorch's on the same gradients.
 
 Example:
@@ -35,7 +37,7 @@ keras = import_keras()
 import tensorflow as tf  # noqa: E402
 
 __all__ = ["clip_grad_norm", "clip_grads_with_norm", "clip_grad_value", "adaptive_clip_grad", "Clipper",
-           "ClipResult", "compare_clipping"]
+           "ClipResult", "compare_clipping", "unit_ratios", "direction_change"]
 
 
 def clip_grads_with_norm(grads, max_norm, total_norm) -> list:
@@ -111,6 +113,58 @@ def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float =
         count += tf.reduce_sum(tf.cast(scale < 1.0, tf.int64))
         out.append(_map_values(lambda t: t * scale, g))  # IndexedSlices stay sparse: a unit's scale is per column
     return out, count
+
+
+def _unit_norm(t):
+    """Per unit (an output column of a kernel; a vector is one unit), the 2-norm, as AGC takes it."""
+    axes = None if len(t.shape) <= 1 else list(range(len(t.shape) - 1))
+    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes))
+
+
+def unit_ratios(grads, variables, eps: float = 1e-3) -> dict:
+    """Per unit, the gradient-to-weight ratio AGC compares with its clip factor.
+
+    ``||G_i|| / max(||W_i||, eps)`` for every unit i, as in :func:`adaptive_clip_grad`: at
+    ``clip_factor=c`` AGC scales down exactly the units whose ratio is above ``c``. A
+    Keras kernel's unit is an output column, so the values equal PyTorch's for the same
+    layer (rows there).
+
+    Args:
+        grads (list of tensors): the gradients.
+        variables: the variables (a Model, a layer or a list) they belong to.
+        eps (float): floor on the weight norm, default 1e-3.
+
+    Returns:
+        dict: variable path -> float64 NumPy array, one ratio per unit.
+    """
+    eps = _checks.positive("eps", eps)
+    grads = _check_grads(grads)
+    names = variable_names(variables)
+    variables = _variables(variables)
+    if len(variables) != len(grads):
+        raise ValueError(f"grads has {len(grads)} tensors but variables has {len(variables)}")
+    out = {}
+    for g, v, name in zip(grads, variables, names):
+        g = tf.cast(tf.convert_to_tensor(g), tf.float64)
+        w = tf.cast(tf.convert_to_tensor(v), tf.float64)
+        out[name] = np.reshape((_unit_norm(g) / tf.maximum(_unit_norm(w), eps)).numpy(), -1)
+    return out
+
+
+def direction_change(before, after) -> float:
+    """The angle in degrees between two gradients, each a list of tensors taken as one vector.
+
+    Global-norm clipping leaves it at 0; ``clipnorm`` (per variable), value and
+    unit-wise clipping turn the gradient. See :func:`gradtools.maths.angle_between`.
+    """
+    from gradtools.maths import angle_between
+
+    def host(tensors):
+        if not isinstance(tensors, (list, tuple)):
+            tensors = [tensors]
+        return [np.asarray(tf.convert_to_tensor(t), dtype=np.float64) for t in tensors]
+
+    return angle_between(host(before), host(after))
 
 
 class Clipper(ClipperBase):

@@ -7,12 +7,15 @@ update rule ``gradtools.torch.make_optimizer`` gives under the same name,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gradtools import _checks
+from gradtools.keras.clip import Clipper, adaptive_clip_grad
 from gradtools.keras.models import _as_inputs, _as_targets, _loss, regularization
 from gradtools.keras.norms import get_total_norm
-from gradtools.optim import TrainTrace, check_run, settings
+from gradtools.optim import TrainTrace, check_clipping, check_run, settings
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -86,7 +89,8 @@ def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **
 
 
 def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int | None = None,
-          spike_factor: float = 1000.0, normalize: bool = False, l1: float = 0.0, l2: float = 0.0) -> TrainTrace:
+          spike_factor: float = 1000.0, normalize: bool = False, l1: float = 0.0, l2: float = 0.0,
+          clip=None, agc: float | None = None) -> TrainTrace:
     """Full-batch training, step by step, with an optional gradient spike: the twin of ``gradtools.torch.train``.
 
     Unlike ``gradtools.torch.train`` there is no ``scheduler`` argument: a
@@ -98,7 +102,12 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
     loss is not scaled, so a ``LossScaleOptimizer`` is refused: pass the
     optimizer it wraps. As in ``fit()``, ``model.losses`` (kernel regularizers)
     join the loss; ``l1``/``l2`` add :func:`gradtools.keras.weight_penalty`, as
-    in ``gradtools.torch.train``.
+    in ``gradtools.torch.train``. ``clip`` (a threshold, a policy name or a
+    :mod:`gradtools.policies` policy, whose state advances with the run) clips
+    the global norm with a :class:`~gradtools.keras.Clipper` and ``agc`` then
+    clips unit-wise (:func:`~gradtools.keras.adaptive_clip_grad`), as in
+    ``gradtools.torch.train``; the step is then two graphs with the clipping run
+    eagerly between them.
 
     Returns:
         :class:`gradtools.optim.TrainTrace`.
@@ -112,6 +121,7 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
                         "(optimizer.inner_optimizer), not the wrapper")
     steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
     l1, l2 = _checks.non_negative("l1", l1), _checks.non_negative("l2", l2)
+    policy, agc = check_clipping(clip, agc, normalize)
     fn = _loss(loss)
     xt, yt = _as_inputs(model, x), _as_targets(model, y)
     if not model.built:
@@ -121,25 +131,54 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
         raise ValueError("model has no trainable variables")
     optimizer.build(variables)
 
-    @tf.function
-    def step(factor):
+    used = []  # the indices of the variables the loss reaches, found when the gradient is traced
+
+    def gradients(factor):
         with tf.GradientTape() as tape:
             value = fn(yt, model(xt, training=True))
             value = value + regularization(model, l1, l2, dtype=value.dtype)
-        pairs = [(g, v) for g, v in zip(tape.gradient(value, variables), variables) if g is not None]
-        if not pairs:
+        raw = tape.gradient(value, variables)
+        used[:] = [i for i, g in enumerate(raw) if g is not None]
+        if not used:
             raise ValueError("the loss reaches none of the model's trainable variables")
-        grads = [g * tf.cast(factor, g.dtype) for g, _ in pairs]
-        used = [v for _, v in pairs]
+        grads = [raw[i] * tf.cast(factor, raw[i].dtype) for i in used]
         norm = get_total_norm(grads)
         if normalize:
             grads = [g / tf.cast(norm, g.dtype) for g in grads]
-        before = [tf.identity(v) for v in used]
+        return value, grads, norm
+
+    def apply(grads):
+        vs = [variables[i] for i in used]
+        before = [tf.identity(v) for v in vs]
         weight_norm = get_total_norm([tf.identity(v) for v in variables])  # all of them, as in PyTorch
         lr = tf.identity(optimizer.learning_rate)
-        optimizer.apply(grads, used)
-        update = get_total_norm([v - b for v, b in zip(used, before)])
-        return value, norm, update, lr, weight_norm
+        optimizer.apply(grads, vs)
+        update = get_total_norm([v - b for v, b in zip(vs, before)])
+        return update, lr, weight_norm
 
-    rows = [step(tf.constant(spike_factor if s == spike_at else 1.0)) for s in range(steps)]
-    return TrainTrace.from_rows(rows)
+    factors = [tf.constant(spike_factor if s == spike_at else 1.0) for s in range(steps)]
+    if policy is None and agc is None:
+        @tf.function
+        def step(factor):
+            value, grads, norm = gradients(factor)
+            return (value, norm, *apply(grads))
+
+        return TrainTrace.from_rows([step(f) for f in factors])
+    # A policy needs each step's norm as a number: the step is two graphs with the clipping between them.
+    gradients_fn, apply_fn = tf.function(gradients), tf.function(apply)
+    clipper = None if policy is None else Clipper(policy)
+    rows, clips = [], []
+    for f in factors:
+        value, grads, norm = gradients_fn(f)
+        threshold, clipped = math.inf, False
+        if clipper is not None:
+            grads, result = clipper(grads)
+            threshold, clipped = result.threshold, float(result.norm_before) > result.threshold
+        if agc is not None:
+            grads, count = adaptive_clip_grad(grads, [variables[i] for i in used], agc)
+            clipped = clipped or int(count) > 0
+        rows.append((value, norm, *apply_fn(grads)))
+        clips.append((threshold, clipped))
+    trace = TrainTrace.from_rows(rows)
+    trace.thresholds, trace.clipped = [t for t, _ in clips], [c for _, c in clips]
+    return trace

@@ -10,6 +10,8 @@
 * :func:`adaptive_clip_grad_` is unit-wise adaptive gradient clipping (AGC,
   Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
   Normalization").
+* :func:`unit_ratios` measures what AGC acts on, ``||G_i|| / max(||W_i||, eps)`` per unit;
+  :func:`direction_change` the angle by which a clip turned the gradient.
 * :class:`~gradtools.torch.clip.Clipper` applies any policy from :mod:`gradtools.policies` and
   reports the norm before and after.
 """
@@ -34,7 +36,8 @@ from gradtools.torch.norms import (
     named_grads,
 )
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "adaptive_clip_grad_", "Clipper", "ClipResult"]
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "adaptive_clip_grad_", "Clipper", "ClipResult",
+           "unit_ratios", "direction_change"]
 
 
 def _once(parameters):
@@ -190,6 +193,66 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     if not counts:
         return torch.zeros((), dtype=torch.int64)
     return _stack(counts).sum()
+
+
+@torch.no_grad()
+def unit_ratios(parameters, eps: float = 1e-3) -> dict:
+    """Per unit, the gradient-to-weight ratio AGC compares with its clip factor.
+
+    ``||G_i|| / max(||W_i||, eps)`` for every unit i (a row of a weight matrix, a
+    filter; a bias or gain is one unit), as in :func:`adaptive_clip_grad_`: at
+    ``clip_factor=c`` AGC scales down exactly the units whose ratio is above ``c``.
+
+    Args:
+        parameters: a Module or iterable of Tensors or ``(name, tensor)`` pairs.
+        eps (float): floor on the weight norm, default 1e-3.
+
+    Returns:
+        dict: parameter name -> float64 NumPy array, one ratio per unit (parameters
+        without a gradient are left out).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 3)
+        >>> m(torch.ones(1, 2)).sum().backward()
+        >>> {k: v.shape for k, v in unit_ratios(m).items()}
+        {'weight': (3,), 'bias': (1,)}
+    """
+    eps = _checks.positive("eps", eps)
+    out = {}
+    for name, p in _named_parameters(parameters):
+        if p.grad is None:
+            continue
+        ratio = _unitwise_norm(p.grad.double()) / _unitwise_norm(p.detach().double()).clamp(min=eps)
+        out[name] = ratio.reshape(-1).cpu().numpy()
+    return out
+
+
+def direction_change(before, after) -> float:
+    """The angle in degrees between two gradients, each a list of tensors taken as one vector.
+
+    Global-norm clipping rescales the gradient and leaves the angle at 0;
+    per-variable (Keras ``clipnorm``), value and unit-wise clipping turn it. See
+    :func:`gradtools.maths.angle_between` (float64, accurate near 0).
+
+    Example:
+        >>> import torch
+        >>> g = [torch.tensor([3.0, 0.5])]
+        >>> before = [t.clone() for t in g]
+        >>> round(direction_change(before, [t.clamp(-1, 1) for t in g]), 2)
+        17.1
+    """
+    from gradtools.maths import angle_between
+
+    def host(tensors, arg):
+        if isinstance(tensors, torch.Tensor):
+            tensors = [tensors]
+        try:
+            return [t.detach().double().cpu().numpy() for t in tensors]
+        except AttributeError:
+            raise TypeError(f"{arg} must be a tensor or a list of tensors, got {type(tensors).__name__}") from None
+
+    return angle_between(host(before, "a"), host(after, "b"))
 
 
 def _factor_below_one(norm: float, threshold: float, dtype) -> bool | None:

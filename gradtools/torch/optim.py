@@ -4,18 +4,21 @@
   :data:`gradtools.optim.SETTINGS` (the same update rule as ``gradtools.keras.make_optimizer``).
 * :func:`update_sizes`: the step each optimiser takes for a given gradient sequence.
 * :func:`train`: full-batch training that records loss, gradient norm, update size
-  and learning rate per step, can inject a gradient spike, and can normalise the
-  gradient (normalised gradient descent).
+  and learning rate per step, can inject a gradient spike, can normalise the
+  gradient (normalised gradient descent), and can clip it (any policy, AGC).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
 from gradtools import _checks
-from gradtools.optim import TrainTrace, check_run, settings
+from gradtools.optim import TrainTrace, check_clipping, check_run, settings
 from gradtools.torch import _checks as _tchecks
+from gradtools.torch.clip import Clipper, adaptive_clip_grad_
 from gradtools.torch.models import _loss_fn, batch_tensors, weight_penalty
 from gradtools.torch.norms import get_total_norm
 
@@ -83,14 +86,16 @@ def update_sizes(name: str, grads, lr: float = 0.01, normalize: bool = False, **
 
 
 def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None, spike_at: int | None = None,
-          spike_factor: float = 1000.0, normalize: bool = False, l1: float = 0.0, l2: float = 0.0) -> TrainTrace:
+          spike_factor: float = 1000.0, normalize: bool = False, l1: float = 0.0, l2: float = 0.0,
+          clip=None, agc: float | None = None) -> TrainTrace:
     """Full-batch training, step by step, with an optional gradient spike.
 
     Each step computes the loss on ``(x, y)``, backpropagates, multiplies every
     gradient by ``spike_factor`` at step ``spike_at`` (a stand-in for one bad
-    batch), divides the gradient by its global norm if ``normalize``, steps the
-    optimizer and then ``scheduler``. Training goes on after the loss turns
-    non-finite, so a trace shows what really happens.
+    batch), divides the gradient by its global norm if ``normalize``, clips it
+    (``clip``, then ``agc``), steps the optimizer and then ``scheduler``.
+    Training goes on after the loss turns non-finite, so a trace shows what
+    really happens.
 
     Args:
         model (torch.nn.Module): the model; trained in place.
@@ -106,10 +111,18 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         l1, l2 (float): add :func:`gradtools.torch.weight_penalty` to the loss
             (Keras' ``L1L2`` kernel regularizer; default 0, none). This is an L2
             *penalty*: under Adam it differs from decoupled weight decay (AdamW).
+        clip: clip the global norm with a :class:`~gradtools.torch.Clipper` of this
+            policy: a positive number (a fixed threshold, ``clip_grad_norm_``), a
+            registered name (``"autoclip"``, ``"zclip"``) or a
+            :mod:`gradtools.policies` policy, whose state advances with the run
+            (pass a fresh one per run). Default None, no clipping.
+        agc (float or None): then clip unit-wise with :func:`adaptive_clip_grad_`
+            at this ``clip_factor``. Default None.
 
     Returns:
         :class:`gradtools.optim.TrainTrace`; the per-step values stay on the
-        device until the end of the run.
+        device until the end of the run (with ``clip``, the policy reads each
+        step's norm: one host sync per step).
     """
     _tchecks.module("model", model)
     _tchecks.optimizer("optimizer", optimizer, closure=False)
@@ -118,12 +131,14 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
                         "which would bypass the spike and the normalisation")
     steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
     l1, l2 = _checks.non_negative("l1", l1), _checks.non_negative("l2", l2)
+    policy, agc = check_clipping(clip, agc, normalize)
+    clipper = None if policy is None else Clipper(policy)
     fn = _loss_fn(loss)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
     xt, yt = batch_tensors(x, y, params[0])
-    rows = []
+    rows, clips = [], []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         value = fn(model(xt), yt)
@@ -137,6 +152,8 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
             norm = get_total_norm(grads)
             if normalize:
                 torch._foreach_div_(grads, norm)
+            if clipper is not None or agc is not None:
+                clips.append(_clip(model, clipper, agc))
             before = torch._foreach_mul(params, 1.0)
         lr = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
@@ -145,4 +162,20 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
         rows.append((value.detach(), norm, update, lr, get_total_norm(before)))
         if scheduler is not None:
             scheduler.step()
-    return TrainTrace.from_rows(rows)
+    trace = TrainTrace.from_rows(rows)
+    for threshold, clipped in clips:
+        trace.thresholds.append(threshold)
+        trace.clipped.append(bool(clipped))
+    return trace
+
+
+def _clip(model, clipper, agc):
+    """Clip the model's gradients as ``train`` does: ``(threshold, clipped)``, ``clipped`` maybe on the device."""
+    threshold, clipped = math.inf, torch.zeros((), dtype=torch.bool)
+    if clipper is not None:
+        result = clipper(model)
+        # the decision, norm > threshold, on the host: the same flag as gradtools.keras.train's
+        threshold, clipped = result.threshold, torch.tensor(float(result.norm_before) > result.threshold)
+    if agc is not None:
+        clipped = clipped | (adaptive_clip_grad_(model, agc) > 0)
+    return threshold, clipped

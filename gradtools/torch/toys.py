@@ -38,6 +38,9 @@ class _RNN(torch.nn.Module):
             self.rnn.bias_hh_l0.zero_()
             self.out.weight.copy_(torch.from_numpy(w["W_out"].T.copy()))
             self.out.bias.copy_(torch.from_numpy(w["b_out"]))
+        # One bias, as Keras' SimpleRNN has: a trainable second bias would get the same
+        # gradient as the first and move the sum twice as fast.
+        self.rnn.bias_hh_l0.requires_grad_(False)
 
     def forward(self, x):
         h, _ = self.rnn(x)
@@ -45,7 +48,11 @@ class _RNN(torch.nn.Module):
 
 
 def rnn(weights) -> torch.nn.Module:
-    """A vanilla tanh RNN with a linear read-out of the last state, from ``gradtools.models.init_rnn``."""
+    """A vanilla tanh RNN with a linear read-out of the last state, from ``gradtools.models.init_rnn``.
+
+    ``torch.nn.RNN`` has two biases; the second (``bias_hh_l0``) stays 0 and frozen,
+    so the model trains exactly as the Keras twin (``SimpleRNN``, one bias).
+    """
     return _RNN(weights)
 
 
