@@ -14,7 +14,7 @@ import gradtools.torch as gt
 from gradtools.data import adding_problem, digits
 from gradtools.maths import angle_between
 from gradtools.models import init_mlp, init_rnn
-from gradtools.policies import AutoClip, ZClip
+from gradtools.policies import AutoClip, FixedThreshold, ZClip
 
 import keras  # noqa: E402  (after gradtools.keras, which imports it quietly)
 
@@ -183,11 +183,13 @@ def test_train_clip_arguments_are_checked():
             train(m, o, X, Y, steps=1, clip=1.0, normalize=True)
 
 
-def test_zclip_run_resumes_nothing_between_runs_when_given_fresh():
-    tm = gt.mlp(W)
-    z = ZClip(warmup_steps=3)
-    gt.train(tm, torch.optim.SGD(tm.parameters(), lr=0.01), X, Y, steps=5, clip=z)
-    assert z.steps == 5 and z.initialized   # the policy passed is the one used
+def test_the_policy_passed_is_the_one_used():
+    for policy in (ZClip(warmup_steps=3), FixedThreshold(1.0)):
+        tm = gt.mlp(W)
+        gt.train(tm, torch.optim.SGD(tm.parameters(), lr=0.01), X, Y, steps=5, clip=policy)
+        assert policy.steps == 5
+        gk.train(gk.mlp(W), keras.optimizers.SGD(0.01), X, Y, steps=4, clip=policy)
+        assert policy.steps == 9
 
 
 # ----------------------------------------------------------------- the RNN twins

@@ -12,10 +12,11 @@ import math
 import numpy as np
 
 from gradtools import _checks
-from gradtools.keras.clip import Clipper, adaptive_clip_grad
+from gradtools.keras.clip import Clipper, adaptive_clip_grad, clip_grads_with_norm
 from gradtools.keras.models import _as_inputs, _as_targets, _loss, regularization
 from gradtools.keras.norms import get_total_norm
 from gradtools.optim import TrainTrace, check_clipping, check_run, settings
+from gradtools.policies import FixedThreshold
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -106,8 +107,10 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
     :mod:`gradtools.policies` policy, whose state advances with the run) clips
     the global norm with a :class:`~gradtools.keras.Clipper` and ``agc`` then
     clips unit-wise (:func:`~gradtools.keras.adaptive_clip_grad`), as in
-    ``gradtools.torch.train``; the step is then two graphs with the clipping run
-    eagerly between them.
+    ``gradtools.torch.train``. A fixed threshold and AGC clip inside the step's
+    graph; an adaptive policy (AutoClip, ZClip) needs each step's norm on the
+    host, so the step is then two graphs with the clipping run eagerly between
+    them.
 
     Returns:
         :class:`gradtools.optim.TrainTrace`.
@@ -157,14 +160,27 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
         return update, lr, weight_norm
 
     factors = [tf.constant(spike_factor if s == spike_at else 1.0) for s in range(steps)]
-    if policy is None and agc is None:
+    if policy is None or isinstance(policy, FixedThreshold):
+        # No policy to ask, or a constant one: the clipping runs inside the step's one graph.
         @tf.function
         def step(factor):
             value, grads, norm = gradients(factor)
-            return (value, norm, *apply(grads))
+            clipped = tf.constant(False)
+            if policy is not None:
+                grads = clip_grads_with_norm(grads, policy.max_norm, norm)
+                clipped = tf.cast(norm, tf.float64) > policy.max_norm  # as float(norm) > threshold
+            if agc is not None:
+                grads, count = adaptive_clip_grad(grads, [variables[i] for i in used], agc)
+                clipped = tf.logical_or(clipped, count > 0)
+            return (value, norm, *apply(grads)), clipped
 
-        return TrainTrace.from_rows([step(f) for f in factors])
-    # A policy needs each step's norm as a number: the step is two graphs with the clipping between them.
+        rows, flags = zip(*[step(f) for f in factors])
+        trace = TrainTrace.from_rows(rows)
+        if policy is not None or agc is not None:
+            trace.thresholds = [policy.step(n) if policy is not None else math.inf for n in trace.grad_norms]
+            trace.clipped = [bool(c) for c in flags]
+        return trace
+    # An adaptive policy needs each step's norm as a number: two graphs with the clipping between them.
     gradients_fn, apply_fn = tf.function(gradients), tf.function(apply)
     clipper = None if policy is None else Clipper(policy)
     rows, clips = [], []
