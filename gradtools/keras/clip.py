@@ -73,6 +73,16 @@ def _excluded(name: str, exclude) -> bool:
     return any(name == e or name.startswith(e + "/") or f"/{e}/" in wrapped for e in exclude)
 
 
+def _paired(grads, variables):
+    """``(grads, variables, names)``, checked to be as many gradients as variables."""
+    grads = _check_grads(grads)
+    names = variable_names(variables)
+    variables = _variables(variables)
+    if len(variables) != len(grads):
+        raise ValueError(f"grads has {len(grads)} tensors but variables has {len(variables)}")
+    return grads, variables, names
+
+
 def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()):
     """Unit-wise adaptive gradient clipping (AGC; Brock et al., 2021); returns ``(clipped, count)``.
 
@@ -92,11 +102,7 @@ def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float =
     clip_factor = _checks.positive("clip_factor", clip_factor)
     eps = _checks.positive("eps", eps)
     exclude = _checks.names("exclude", exclude)
-    grads = _check_grads(grads)
-    names = variable_names(variables)
-    variables = _variables(variables)
-    if len(variables) != len(grads):
-        raise ValueError(f"grads has {len(grads)} tensors but variables has {len(variables)}")
+    grads, variables, names = _paired(grads, variables)
     out, count = [], tf.constant(0, tf.int64)
     for g, v, name in zip(grads, variables, names):
         if _excluded(name, exclude):
@@ -138,11 +144,7 @@ def unit_ratios(grads, variables, eps: float = 1e-3) -> dict:
         dict: variable path -> float64 NumPy array, one ratio per unit.
     """
     eps = _checks.positive("eps", eps)
-    grads = _check_grads(grads)
-    names = variable_names(variables)
-    variables = _variables(variables)
-    if len(variables) != len(grads):
-        raise ValueError(f"grads has {len(grads)} tensors but variables has {len(variables)}")
+    grads, variables, names = _paired(grads, variables)
     out = {}
     for g, v, name in zip(grads, variables, names):
         g = tf.cast(tf.convert_to_tensor(g), tf.float64)
