@@ -201,7 +201,7 @@ def _flat64(arrays, arg: str) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def angle_between(a, b) -> float:
+def angle_between(a, b, names: tuple = ("a", "b")) -> float:
     """The angle in degrees between two gradients, each an array or a list of arrays taken as one vector.
 
     Computed in float64 with Kahan's formula ``2 atan2(||a/|a| - b/|b|||, ||a/|a| + b/|b|||)``,
@@ -210,6 +210,7 @@ def angle_between(a, b) -> float:
 
     Args:
         a, b: the gradients, with the same number of entries.
+        names: what errors call ``a`` and ``b`` (the backends pass ``("before", "after")``).
 
     Raises:
         ValueError: if the sizes differ, or either is zero or not finite (no direction).
@@ -218,14 +219,15 @@ def angle_between(a, b) -> float:
         >>> round(angle_between([[1.0, 0.0]], [[3.0, 3.0]]), 6)
         45.0
     """
-    fa, fb = _flat64(a, "a"), _flat64(b, "b")
+    na, nb = names
+    fa, fb = _flat64(a, na), _flat64(b, nb)
     if fa.size != fb.size:
-        raise ValueError(f"a has {fa.size} entries but b has {fb.size}")
-    for arg, f in (("a", fa), ("b", fb)):
+        raise ValueError(f"{na} has {fa.size} entries but {nb} has {fb.size}")
+    for arg, f in ((na, fa), (nb, fb)):
         if not np.all(np.isfinite(f)):
             raise ValueError(f"{arg} has non-finite entries: it has no direction")
     units = []
-    for arg, f in (("a", fa), ("b", fb)):
+    for arg, f in ((na, fa), (nb, fb)):
         peak = np.max(np.abs(f))
         if peak == 0:
             raise ValueError(f"{arg} is zero: it has no direction")

@@ -151,11 +151,15 @@ class TrainTrace:
     norm the optimiser received (after any injected spike, before normalising);
     ``update_norms``: ``||w_after - w_before||`` over all weights; ``lrs``: the
     learning rate each step used; ``weight_norms``: the global norm of the
-    weights before each step. With clipping (``train(..., clip=, agc=)``):
-    ``thresholds``: the global-norm threshold each step used (``inf``: none);
-    ``clipped``: whether the step's norm was above its threshold or, with AGC,
-    any unit was scaled down (a norm equal to its threshold, as AutoClip's first,
-    is not clipped, whatever the last bit of the factor in either framework).
+    weights before each step; ``thresholds``: the global-norm threshold each
+    step used (``inf``: none, as without ``clip=``); ``clipped``: whether the
+    step's norm was above its threshold or, with ``agc=``, any unit was scaled
+    down. A norm equal to its threshold (AutoClip's first) is not clipped,
+    whatever the last bit of the factor in either framework. The factor is
+    ``torch.nn.utils``' ``min(1, c / (norm + 1e-6))`` in both frameworks, which
+    also shortens a gradient at its threshold by about ``1e-6 / norm`` (more, for
+    norms near 1e-6 and below); Keras' own ``global_clipnorm`` uses
+    ``min(1, c / norm)``, the same step at any larger norm.
     """
 
     losses: list = field(default_factory=list)

@@ -37,6 +37,8 @@ def test_angle_of_a_rescaled_gradient_is_zero(values, scale):
 def test_angle_between_refuses_what_has_no_direction():
     with pytest.raises(ValueError, match="b is zero"):
         angle_between([np.ones(3)], [np.zeros(3)])
+    with pytest.raises(ValueError, match="after is zero"):
+        angle_between([np.ones(3)], [np.zeros(3)], names=("before", "after"))
     with pytest.raises(ValueError, match="a has non-finite"):
         angle_between([np.array([np.nan, 1.0])], [np.ones(2)])
     with pytest.raises(ValueError, match="a has 3 entries but b has 2"):
@@ -81,8 +83,18 @@ def test_direction_change_of_each_clip_in_both_frameworks():
 
 
 def test_direction_change_names_a_bad_argument():
-    with pytest.raises(TypeError, match="a must be a tensor or a list of tensors"):
+    with pytest.raises(TypeError, match=r"before\[0\] must be a tensor, got float"):
         gt.direction_change([1.0], [torch.ones(1)])
+    with pytest.raises(TypeError, match="after must be a tensor or a list of tensors, got NoneType"):
+        gt.direction_change([torch.ones(1)], None)
+    with pytest.raises(TypeError, match=r"before\[1\] must be a tensor, got NoneType \(a parameter without"):
+        gt.direction_change([torch.ones(1), None], [torch.ones(1)])
+    with pytest.raises(ValueError, match="after is zero"):
+        gt.direction_change([torch.ones(2)], [torch.zeros(2)])
+    with pytest.raises(TypeError, match=r"after\[0\] is None"):
+        gk.direction_change([np.ones(2)], None)
+    with pytest.raises(TypeError, match=r"before\[0\] must be a tensor or an array, got str"):
+        gk.direction_change("abc", [np.ones(2)])
 
 
 # ----------------------------------------------------------------- AGC's ratios
@@ -116,6 +128,13 @@ def test_unit_ratios_check_arguments():
         gt.unit_ratios(tm, eps=0)
     with pytest.raises(ValueError, match="grads has 1 tensors but variables has 4"):
         gk.unit_ratios(kg[:1], km.trainable_variables)
+    swapped = [kg[0], kg[3], kg[2], kg[1]]            # two biases of different sizes swapped
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(3,\) but its variable .*bias' has shape \(5,\)"):
+        gk.unit_ratios(swapped, km.trainable_variables)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        gk.adaptive_clip_grad(swapped, km.trainable_variables, 0.1)
+    with pytest.raises(TypeError, match="variables must be a Model, a layer or a list of variables, got str"):
+        gk.unit_ratios(kg, "abc")
 
 
 # ----------------------------------------------------------------- train(clip=, agc=)
@@ -148,7 +167,7 @@ def test_keras_train_clip_is_global_clipnorm():
     for p, q in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(trace.losses, plain.losses, rtol=1e-5)
-    assert all(trace.clipped) and plain.thresholds == [] and plain.clipped == []
+    assert all(trace.clipped) and plain.thresholds == [math.inf] * 15 and plain.clipped == [False] * 15
 
 
 @pytest.mark.parametrize("clip, agc", [(1.0, None), ("autoclip", None), (None, 0.05), (3.0, 0.05)])
@@ -203,3 +222,40 @@ def test_rnn_twins_train_alike_with_clipping():
     np.testing.assert_allclose(k.grad_norms, t.grad_norms, rtol=1e-4)
     assert k.clipped == t.clipped and any(t.clipped)
     assert sum(p.numel() for p in tm.parameters() if p.requires_grad) == km.count_params()
+
+
+class _Ramp(FixedThreshold):
+    """A subclass whose threshold grows: not the constant FixedThreshold promises."""
+
+    def step(self, norm):
+        super().step(norm)
+        return self.max_norm * min(1.0, 0.25 * self.steps)
+
+
+def test_a_fixed_threshold_subclass_is_asked_every_step_in_keras_too():
+    tm, km = gt.mlp(W), gk.mlp(W)
+    t = gt.train(tm, torch.optim.SGD(tm.parameters(), lr=0.05), X, Y, steps=4, clip=_Ramp(1.0))
+    k = gk.train(km, keras.optimizers.SGD(0.05), X, Y, steps=4, clip=_Ramp(1.0))
+    assert t.thresholds == k.thresholds == [0.25, 0.5, 0.75, 1.0]
+    np.testing.assert_allclose(k.update_norms, t.update_norms, rtol=1e-4)
+    np.testing.assert_allclose(t.update_norms, [0.05 * c for c in t.thresholds], rtol=1e-4)
+
+
+def test_torch_train_records_the_finite_norm_of_a_gradient_whose_square_overflows_float32():
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    x, y = np.full((1, 1), 1e10, np.float32), np.zeros((1, 1), np.float32)   # gradient 2e20
+    t = gt.train(lin, torch.optim.SGD(lin.parameters(), lr=1e-30), x, y, steps=1, clip=1e30)
+    assert t.grad_norms[0] == pytest.approx(2e20, rel=1e-6) and t.clipped == [False]
+    lin2 = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin2.weight.fill_(1.0)
+    n = gt.train(lin2, torch.optim.SGD(lin2.parameters(), lr=0.5), x, y, steps=1, normalize=True)
+    assert n.update_norms[0] == pytest.approx(0.5, rel=1e-6)   # a unit step, not a zero one
+
+
+def test_trace_without_clipping_has_one_threshold_and_decision_per_step():
+    tm = gt.mlp(W)
+    t = gt.train(tm, torch.optim.SGD(tm.parameters(), lr=0.05), X, Y, steps=3)
+    assert t.thresholds == [math.inf] * 3 and t.clipped == [False] * 3

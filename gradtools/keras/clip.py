@@ -74,12 +74,20 @@ def _excluded(name: str, exclude) -> bool:
 
 
 def _paired(grads, variables):
-    """``(grads, variables, names)``, checked to be as many gradients as variables."""
+    """``(grads, variables, names)``: one gradient per variable, of the variable's shape."""
     grads = _check_grads(grads)
-    names = variable_names(variables)
+    try:
+        names = variable_names(variables)
+    except (AttributeError, TypeError):
+        raise TypeError(f"variables must be a Model, a layer or a list of variables, got "
+                        f"{type(variables).__name__}") from None
     variables = _variables(variables)
     if len(variables) != len(grads):
         raise ValueError(f"grads has {len(grads)} tensors but variables has {len(variables)}")
+    for i, (g, v, name) in enumerate(zip(grads, variables, names)):
+        if not tf.TensorShape(g.shape).is_compatible_with(v.shape):  # in a graph, a dimension may be unknown
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but its variable {name!r} has shape "
+                             f"{tuple(v.shape)}")
     return grads, variables, names
 
 
@@ -133,7 +141,8 @@ def unit_ratios(grads, variables, eps: float = 1e-3) -> dict:
     ``||G_i|| / max(||W_i||, eps)`` for every unit i, as in :func:`adaptive_clip_grad`: at
     ``clip_factor=c`` AGC scales down exactly the units whose ratio is above ``c``. A
     Keras kernel's unit is an output column, so the values equal PyTorch's for the same
-    layer (rows there).
+    Dense or recurrent layer (rows there). Every 2-D variable is read that way, so an
+    Embedding table's units are its columns here and its rows in PyTorch.
 
     Args:
         grads (list of tensors): the gradients.
@@ -161,12 +170,20 @@ def direction_change(before, after) -> float:
     """
     from gradtools.maths import angle_between
 
-    def host(tensors):
+    def host(tensors, arg):
         if not isinstance(tensors, (list, tuple)):
             tensors = [tensors]
-        return [np.asarray(tf.convert_to_tensor(t), dtype=np.float64) for t in tensors]
+        out = []
+        for i, t in enumerate(tensors):
+            if t is None:
+                raise TypeError(f"{arg}[{i}] is None (a variable without a gradient? leave it out)")
+            try:
+                out.append(np.asarray(tf.convert_to_tensor(t), dtype=np.float64))
+            except (TypeError, ValueError):
+                raise TypeError(f"{arg}[{i}] must be a tensor or an array, got {type(t).__name__}") from None
+        return out
 
-    return angle_between(host(before), host(after))
+    return angle_between(host(before, "before"), host(after, "after"), names=("before", "after"))
 
 
 class Clipper(ClipperBase):

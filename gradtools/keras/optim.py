@@ -160,8 +160,8 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
         return update, lr, weight_norm
 
     factors = [tf.constant(spike_factor if s == spike_at else 1.0) for s in range(steps)]
-    if policy is None or isinstance(policy, FixedThreshold):
-        # No policy to ask, or a constant one: the clipping runs inside the step's one graph.
+    if policy is None or type(policy) is FixedThreshold:
+        # No policy to ask, or a constant one (not a subclass, whose step() may vary): in the one graph.
         @tf.function
         def step(factor):
             value, grads, norm = gradients(factor)
@@ -176,9 +176,8 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", spike_at: int |
 
         rows, flags = zip(*[step(f) for f in factors])
         trace = TrainTrace.from_rows(rows)
-        if policy is not None or agc is not None:
-            trace.thresholds = [policy.step(n) if policy is not None else math.inf for n in trace.grad_norms]
-            trace.clipped = [bool(c) for c in flags]
+        trace.thresholds = [math.inf if policy is None else policy.step(n) for n in trace.grad_norms]
+        trace.clipped = [bool(c) for c in flags]
         return trace
     # An adaptive policy needs each step's norm as a number: two graphs with the clipping between them.
     gradients_fn, apply_fn = tf.function(gradients), tf.function(apply)

@@ -247,12 +247,15 @@ def direction_change(before, after) -> float:
     def host(tensors, arg):
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
-        try:
-            return [t.detach().double().cpu().numpy() for t in tensors]
-        except AttributeError:
-            raise TypeError(f"{arg} must be a tensor or a list of tensors, got {type(tensors).__name__}") from None
+        if not isinstance(tensors, (list, tuple)):
+            raise TypeError(f"{arg} must be a tensor or a list of tensors, got {type(tensors).__name__}")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                hint = " (a parameter without a gradient? leave it out)" if t is None else ""
+                raise TypeError(f"{arg}[{i}] must be a tensor, got {type(t).__name__}{hint}")
+        return [t.detach().double().cpu().numpy() for t in tensors]
 
-    return angle_between(host(before, "a"), host(after, "b"))
+    return angle_between(host(before, "before"), host(after, "after"), names=("before", "after"))
 
 
 def _factor_below_one(norm: float, threshold: float, dtype) -> bool | None:

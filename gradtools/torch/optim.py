@@ -150,10 +150,11 @@ def train(model, optimizer, x, y, steps: int, loss: str = "mse", scheduler=None,
             if step == spike_at:
                 torch._foreach_mul_(grads, spike_factor)
             norm = get_total_norm(grads)
+            # a finite gradient whose float32 sum of squares overflows: its norm in float64
+            norm = torch.where(norm.isfinite(), norm, get_total_norm([g.double() for g in grads]).to(norm.dtype))
             if normalize:
                 torch._foreach_div_(grads, norm)
-            if clipper is not None or agc is not None:
-                clips.append(_clip(model, clipper, agc))
+            clips.append(_clip(model, clipper, agc))
             before = torch._foreach_mul(params, 1.0)
         lr = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
