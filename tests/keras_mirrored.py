@@ -74,9 +74,53 @@ def train(name, strategy):
     return model.get_weights(), decisions, replicas, h
 
 
+def custom_loop(strategy):
+    """A custom loop passing each replica's batch size: global micro-batches of 16, 16, 16, 12."""
+    x, y = dense_data()
+    x, y = x[:60], y[:60]
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = dense_model()
+        opt = gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=15.0, accumulation_steps=2)
+        opt.build(model.trainable_variables)
+
+    @tf.function
+    def step(xb, yb):
+        n = tf.shape(xb)[0]
+        total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, n)
+        with tf.GradientTape() as tape:
+            per_sample = keras.losses.mean_squared_error(yb, model(xb, training=True))
+            loss = tf.reduce_sum(per_sample) / tf.cast(total, per_sample.dtype)  # the global mean
+        opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables, batch_size=n)
+
+    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+    for xb, yb in data:
+        strategy.run(step, args=(xb, yb))
+    return model.get_weights(), int(opt.iterations.numpy())
+
+
+def large_batches():
+    """The same two optimizer steps on the windows' concatenations (32 and 28 samples)."""
+    x, y = dense_data()
+    keras.utils.set_random_seed(0)
+    model = dense_model()
+    model.compile(optimizer=gk.GradOptimizer(keras.optimizers.SGD(0.05), clip=15.0), loss="mse", jit_compile=False)
+    model.train_on_batch(x[:32], y[:32])
+    model.train_on_batch(x[32:60], y[32:60])
+    return model.get_weights()
+
+
 def main():
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     out = {}
+    w1, steps1 = custom_loop(tf.distribute.get_strategy())
+    w2, steps2 = custom_loop(mirrored)
+    w0 = large_batches()
+    out["custom_loop_batch_size"] = {
+        "steps": [steps1, steps2],
+        "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)),
+        "max_diff_large_batch": max(float(np.max(np.abs(a - b))) for a, b in zip(w2, w0)),
+    }
     for name in CONFIGS:
         w1, d1, _, _ = train(name, tf.distribute.get_strategy())
         w2, d2, replicas, h = train(name, mirrored)

@@ -197,6 +197,60 @@ def test_flush_applies_a_partial_window_as_its_own_batch():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _micro_steps(model, opt, x, y, sizes, weighted, compiled=False):
+    """One accumulation window in a custom loop: micro-batches of ``sizes`` samples."""
+    def micro(xb, yb, n):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.mean_squared_error(yb, model(xb))
+            loss = tf.reduce_mean(loss)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply(grads, model.trainable_variables, batch_size=n if weighted else None)
+
+    step = tf.function(micro) if compiled else micro
+    lo = 0
+    for n in sizes:
+        step(x[lo:lo + n], y[lo:lo + n], tf.constant(n) if compiled else n)
+        lo += n
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_apply_with_batch_size_weights_a_short_micro_batch_by_its_samples(compiled):
+    x, y = _data(28)
+    sizes = [8, 8, 8, 4]  # a short last micro-batch
+    big = _compiled(keras.optimizers.SGD(0.1))
+    big.train_on_batch(x, y)
+    weighted, plain = _compiled(None), _compiled(None)
+    for model, flag in ((weighted, True), (plain, False)):
+        opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), accumulation_steps=4)
+        _micro_steps(model, opt, x, y, sizes, weighted=flag, compiled=compiled)
+        assert int(opt.iterations.numpy()) == 1 and float(opt.accumulator.weight.numpy()) == 0.0
+    for a, b in zip(weighted.weights, big.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    # Without batch sizes each micro-batch weighs 1/4 (Keras' own rule): the step is measurably different.
+    start = _compiled(None)
+    grads = [gk.loss_gradients(start, x[lo:hi], y[lo:hi]) for lo, hi in ((0, 8), (8, 16), (16, 24), (24, 28))]
+    for i, (a, w0) in enumerate(zip(plain.weights, start.weights)):
+        expect = w0.numpy() - 0.1 * np.mean([g[i].numpy() for g in grads], axis=0)
+        np.testing.assert_allclose(a.numpy(), expect, rtol=1e-5, atol=1e-6)
+    assert max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(plain.weights, big.weights)) > 1e-4
+
+
+def test_apply_batch_size_is_checked_and_flush_keeps_the_weights():
+    x, y = _data(24)
+    model = _compiled(None)
+    opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), accumulation_steps=4)
+    grads = gk.loss_gradients(model, x[:8], y[:8])
+    for bad, err in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="batch_size must be an int"):
+            opt.apply(grads, model.trainable_variables, batch_size=bad)
+    _micro_steps(model, opt, x, y, [8, 16], weighted=True)
+    assert opt.flush() is True  # a partial window of 8 + 16 samples: the step on all 24
+    big = _compiled(keras.optimizers.SGD(0.1))
+    big.train_on_batch(x, y)
+    for a, b in zip(model.weights, big.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_agc_matches_pytorch():
     w = init_mlp(SIZES, seed=1)
     x, y = _data()

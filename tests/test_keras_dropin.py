@@ -318,6 +318,9 @@ def test_mirrored_strategy_trains_on_the_all_reduced_gradient_like_one_device():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
+    loop = results.pop("custom_loop_batch_size")  # apply(batch_size=) per replica, a short last micro-batch
+    assert loop["steps"] == [2, 2], loop
+    assert loop["max_weight_diff"] <= 1e-6 and loop["max_diff_large_batch"] <= 1e-5, loop
     assert set(results) == {"clip", "autoclip_accumulate", "agc_skip", "adam_sparse"}
     for name, r in results.items():
         assert r["replicas"] == 2

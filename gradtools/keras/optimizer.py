@@ -498,7 +498,18 @@ class GradOptimizer(keras.optimizers.Optimizer):
             raise ValueError(f"variable {_path(variable)!r} is not one this GradOptimizer was built with "
                              f"({len(self._var_names)} variables): build a new optimizer for a new model") from None
 
-    def apply(self, grads, trainable_variables=None):
+    def apply(self, grads, trainable_variables=None, batch_size=None):
+        """Measure, decide, clip and step (or add to the accumulation window).
+
+        ``batch_size`` (int or scalar tensor, optional): the samples behind ``grads``
+        in a custom loop. With ``accumulation_steps > 1`` the window's gradient is then
+        the mean over its micro-batches weighted by their samples, which equals the
+        large-batch gradient also when the last micro-batch is short; pass it on every
+        call or on none. ``fit()`` passes none, and every micro-batch weighs the same.
+        Under a ``tf.distribute`` strategy give each replica's own batch size.
+        """
+        if batch_size is not None and not tf.is_tensor(batch_size):
+            batch_size = _checks.integer("batch_size", batch_size, minimum=1)
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
@@ -530,11 +541,14 @@ class GradOptimizer(keras.optimizers.Optimizer):
             # clip once, in a cross-replica context, on the gradient summed over the replicas, so that
             # every replica takes the same decision and the step equals one on the whole global batch.
             summed = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            replica.merge_call(lambda strategy, summed: self._accumulate(
-                [strategy.experimental_local_results(g)[0] for g in summed], variables, index, strategy),
-                args=(summed,))
+            if batch_size is not None:  # the global batch: the replicas' samples summed
+                batch_size = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(batch_size, "float32"))
+            replica.merge_call(lambda strategy, summed, n: self._accumulate(
+                [strategy.experimental_local_results(g)[0] for g in summed], variables, index, strategy,
+                None if n is None else strategy.experimental_local_results(n)[0]),
+                args=(summed, batch_size))
             return
-        self._accumulate(grads, variables, index, self._cross_replica_strategy())
+        self._accumulate(grads, variables, index, self._cross_replica_strategy(), batch_size)
 
     def _overwrite_with_gradients(self, pairs):
         """As Keras' optimizers do, before anything else: the variable takes its gradient's value;
@@ -557,14 +571,16 @@ class GradOptimizer(keras.optimizers.Optimizer):
             return tf.distribute.get_strategy()
         return None
 
-    def _accumulate(self, grads, variables, index, strategy):
-        self.accumulator.add(grads, lambda window: self._apply_window(window, variables, index, strategy), index)
+    def _accumulate(self, grads, variables, index, strategy, batch_size=None):
+        self.accumulator.add(grads, lambda window: self._apply_window(window, variables, index, strategy), index,
+                             weight=batch_size)
 
     def flush(self) -> bool:
         """Apply a partial accumulation window now (eagerly), e.g. at an epoch's end.
 
-        The window's gradient is the mean over the micro-batches it holds, so the
-        step equals one on their concatenation when they have the same size. Returns
+        The window's gradient is the mean over the micro-batches it holds, weighted by
+        their samples where ``apply`` was given ``batch_size``: the step then equals one
+        on their concatenation (without it, only when they have the same size). Returns
         True if a step was taken (or skipped by the guard), False if the window was empty.
         Without it, a partial window carries over into the next epoch's first window::
 
