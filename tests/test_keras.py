@@ -524,3 +524,17 @@ def test_sharpness_matches_pytorch():
     lt = gt.top_hessian_eigenvalue(
         tm, lambda m: torch.nn.functional.mse_loss(m(torch.from_numpy(x)), torch.from_numpy(y)), iters=200, tol=1e-8)
     assert lk == pytest.approx(lt, rel=1e-3) and lk > 0
+
+
+def test_mlp_dtype_policy_is_per_model_and_checked():
+    w = init_mlp(SIZES, seed=0)
+    x, _ = _data(4)
+    mixed = gk.mlp(w, activation="tanh", norm="layer", dtype="mixed_float16")
+    assert {layer.dtype_policy.name for layer in mixed.layers} == {"mixed_float16"}
+    assert all(v.dtype == "float32" for v in mixed.weights)  # variables stay float32
+    assert mixed(x).dtype == "float16"
+    assert keras.config.dtype_policy().name == "float32"  # nothing global changed
+    np.testing.assert_allclose(np.asarray(mixed(x), np.float32), gk.mlp(w, activation="tanh", norm="layer")(x),
+                               rtol=0.02, atol=0.02)
+    with pytest.raises(ValueError, match="dtype must be a Keras dtype policy .* got 'float17'"):
+        gk.mlp(w, dtype="float17")

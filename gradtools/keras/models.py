@@ -17,17 +17,17 @@ __all__ = ["mlp", "residual_mlp", "train_full_batch", "loss_gradients", "weight_
 _ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "linear": None, "leaky_relu": "leaky_relu"}
 
 
-def _norm_layer(norm, name: str):
+def _norm_layer(norm, name: str, dtype=None):
     """Batch or layer norm with the settings of ``gradtools.torch``'s (eps 1e-3; batch-norm momentum 0.9 = torch's 0.1)."""
     if norm == "batch":
-        return keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.9, name=f"batchnorm_{name}")
-    return keras.layers.LayerNormalization(epsilon=1e-3, name=f"layernorm_{name}")
+        return keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.9, name=f"batchnorm_{name}", dtype=dtype)
+    return keras.layers.LayerNormalization(epsilon=1e-3, name=f"layernorm_{name}", dtype=dtype)
 
 
-def _activation_layer(activation: str, name):
+def _activation_layer(activation: str, name, dtype=None):
     if activation == "leaky_relu":
-        return keras.layers.LeakyReLU(negative_slope=0.01, name=f"leaky_relu_{name}")
-    return keras.layers.Activation(_ACTIVATIONS[activation] or "linear", name=f"{activation}_{name}")
+        return keras.layers.LeakyReLU(negative_slope=0.01, name=f"leaky_relu_{name}", dtype=dtype)
+    return keras.layers.Activation(_ACTIVATIONS[activation] or "linear", name=f"{activation}_{name}", dtype=dtype)
 
 
 def _set_dense_weights(model, weights) -> None:
@@ -37,7 +37,7 @@ def _set_dense_weights(model, weights) -> None:
 
 
 def mlp(weights, activation: str = "relu", norm: str | None = None, dropout: float = 0.0,
-        kernel_regularizer=None) -> "keras.Sequential":
+        kernel_regularizer=None, dtype=None) -> "keras.Sequential":
     """A Keras MLP whose Dense layers hold ``weights`` (from ``gradtools.models.init_mlp``).
 
     Hidden layers use ``activation``; the last layer is linear. Dense layers are
@@ -50,23 +50,34 @@ def mlp(weights, activation: str = "relu", norm: str | None = None, dropout: flo
     With ``training=True`` the network equals the PyTorch one from the same
     weights; after training, batch norm's moving variance differs slightly (Keras
     updates it with the biased batch variance, PyTorch with the unbiased one).
+    ``dtype`` (a dtype policy such as ``"mixed_float16"`` or ``"mixed_bfloat16"``, or
+    None for Keras' global policy) goes on every layer: mixed precision for this
+    model alone, without ``keras.mixed_precision.set_dtype_policy``'s global state.
     """
     _checks.choice("activation", activation, set(_ACTIVATIONS))
+    policy = None
+    if dtype is not None:
+        try:
+            policy = keras.dtype_policies.get(dtype)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"dtype must be a Keras dtype policy such as 'mixed_float16', 'mixed_bfloat16' or "
+                             f"'float32', or None, got {dtype!r}") from exc
     norm = _check_norm(norm)
     dropout = _checks.in_range("dropout", dropout, 0.0, 1.0, high_open=True)
     first = np.asarray(weights[0][0])
     layers = [keras.Input(shape=(first.shape[0],))]
     for i, (kernel, _) in enumerate(weights):
         hidden = i < len(weights) - 1
-        layers.append(keras.layers.Dense(np.shape(kernel)[1], name=f"dense_{i}", kernel_regularizer=kernel_regularizer))
+        layers.append(keras.layers.Dense(np.shape(kernel)[1], name=f"dense_{i}", kernel_regularizer=kernel_regularizer,
+                                         dtype=policy))
         if not hidden:
             break
         if norm is not None:
-            layers.append(_norm_layer(norm, i))
+            layers.append(_norm_layer(norm, i, dtype=policy))
         if activation != "linear":
-            layers.append(_activation_layer(activation, i))
+            layers.append(_activation_layer(activation, i, dtype=policy))
         if dropout:
-            layers.append(keras.layers.Dropout(dropout, name=f"dropout_{i}"))
+            layers.append(keras.layers.Dropout(dropout, name=f"dropout_{i}", dtype=policy))
     model = keras.Sequential(layers)
     _set_dense_weights(model, weights)
     return model
