@@ -240,10 +240,24 @@ def test_apply_batch_size_is_checked_and_flush_keeps_the_weights():
     model = _compiled(None)
     opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), accumulation_steps=4)
     grads = gk.loss_gradients(model, x[:8], y[:8])
-    for bad, err in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
-        with pytest.raises(err, match="batch_size must be an int"):
+    bad_values = [(0, ValueError, "batch_size must be an int >= 1, got 0"),
+                  (2.5, TypeError, "batch_size must be an int, got 2.5"),
+                  (True, TypeError, "batch_size must be an int, got True"),
+                  (tf.constant(0), ValueError, "batch_size must be an int >= 1, got 0"),
+                  (tf.constant(-3), ValueError, "batch_size must be an int >= 1, got -3"),
+                  (tf.constant(2.5), TypeError, "integer scalar tensor, got a float32 tensor"),
+                  (tf.constant(True), TypeError, "integer scalar tensor, got a bool tensor"),
+                  (tf.constant([8, 8]), ValueError, "batch_size must be a scalar, got a tensor of shape")]
+    for bad, err, message in bad_values:
+        with pytest.raises(err, match=message):
             opt.apply(grads, model.trainable_variables, batch_size=bad)
+    traced = tf.function(lambda n: opt.apply(grads, model.trainable_variables, batch_size=n))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="batch_size must be an int >= 1"):
+        traced(tf.constant(0))  # checked in the graph, where the value is not known when tracing
+    assert float(opt.accumulator.weight.numpy()) == 0.0 and int(opt.micro_step.numpy()) == 0  # nothing changed
     _micro_steps(model, opt, x, y, [8, 16], weighted=True)
+    with pytest.raises(ValueError, match="batch_size=None here, but earlier apply\\(\\) calls gave one"):
+        opt.apply(grads, model.trainable_variables)  # a window must not mix weights
     assert opt.flush() is True  # a partial window of 8 + 16 samples: the step on all 24
     big = _compiled(keras.optimizers.SGD(0.1))
     big.train_on_batch(x, y)
@@ -536,5 +550,6 @@ def test_mlp_dtype_policy_is_per_model_and_checked():
     assert keras.config.dtype_policy().name == "float32"  # nothing global changed
     np.testing.assert_allclose(np.asarray(mixed(x), np.float32), gk.mlp(w, activation="tanh", norm="layer")(x),
                                rtol=0.02, atol=0.02)
-    with pytest.raises(ValueError, match="dtype must be a Keras dtype policy .* got 'float17'"):
-        gk.mlp(w, dtype="float17")
+    for bad in ("float17", "int32", "int8_from_mixed_bfloat16"):
+        with pytest.raises(ValueError, match=f"dtype must be a floating-point Keras dtype policy .* got '{bad}'"):
+            gk.mlp(w, dtype=bad)

@@ -53,15 +53,22 @@ def mlp(weights, activation: str = "relu", norm: str | None = None, dropout: flo
     ``dtype`` (a dtype policy such as ``"mixed_float16"`` or ``"mixed_bfloat16"``, or
     None for Keras' global policy) goes on every layer: mixed precision for this
     model alone, without ``keras.mixed_precision.set_dtype_policy``'s global state.
+    ``compile()`` then adds no ``LossScaleOptimizer`` (Keras does that only under a
+    global ``mixed_float16`` policy): for float16, wrap the optimizer yourself,
+    ``keras.optimizers.LossScaleOptimizer(opt)``, as chapter 6 does.
     """
     _checks.choice("activation", activation, set(_ACTIVATIONS))
     policy = None
     if dtype is not None:
+        message = (f"dtype must be a floating-point Keras dtype policy such as 'mixed_float16', 'mixed_bfloat16' "
+                   f"or 'float32', or None, got {dtype!r}")
         try:
             policy = keras.dtype_policies.get(dtype)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"dtype must be a Keras dtype policy such as 'mixed_float16', 'mixed_bfloat16' or "
-                             f"'float32', or None, got {dtype!r}") from exc
+            raise ValueError(message) from exc
+        floating = all(keras.backend.is_float_dtype(d) for d in (policy.compute_dtype, policy.variable_dtype))
+        if not floating or getattr(policy, "quantization_mode", None) is not None:
+            raise ValueError(message)
     norm = _check_norm(norm)
     dropout = _checks.in_range("dropout", dropout, 0.0, 1.0, high_open=True)
     first = np.asarray(weights[0][0])

@@ -91,6 +91,32 @@ def _inner_setting(name):
     return property(get, set, doc=f"The inner optimizer's ``{name}``.")
 
 
+def _batch_size(value):
+    """``apply``'s ``batch_size``: None, an int >= 1, or an integer scalar tensor (checked in the graph)."""
+    if value is None:
+        return None
+    if not (tf.is_tensor(value) or isinstance(value, np.ndarray)):
+        return _checks.integer("batch_size", value, minimum=1)
+    t = tf.convert_to_tensor(value)
+    if not t.dtype.is_integer:
+        raise TypeError(f"batch_size must be an int or an integer scalar tensor, got a {t.dtype.name} tensor")
+    if t.shape.rank is not None and t.shape.rank != 0:
+        raise ValueError(f"batch_size must be a scalar, got a tensor of shape {t.shape}")
+    static = tf.get_static_value(t)
+    if static is not None:
+        if int(static) < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {int(static)}")
+        return t
+    return t  # checked in the graph by _batch_size_check
+
+
+def _batch_size_check(batch_size) -> list:
+    """In a graph, the assertion that a traced ``batch_size`` is >= 1 (for tf.control_dependencies)."""
+    if batch_size is None or not tf.is_tensor(batch_size) or tf.get_static_value(batch_size) is not None:
+        return []
+    return [tf.debugging.assert_positive(batch_size, message="batch_size must be an int >= 1")]
+
+
 def _first_replica_only(g, first):
     """``g`` in the first replica, an empty gradient of its kind elsewhere (``first``: bool or tensor)."""
     if isinstance(g, tf.IndexedSlices):
@@ -172,6 +198,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         self.agc = None if agc is None else _checks.positive("agc", agc)
         self.agc_eps = _checks.positive("agc_eps", agc_eps)
         self.accumulator = GradientAccumulator(accumulation_steps)
+        self._weighted = None  # whether apply() calls give batch_size (fixed by the first call)
         self._var_names: list[str] = []
         self._recording = None  # (capacity, per_layer) asked for by start_recording()
         self._recorder = None
@@ -505,11 +532,21 @@ class GradOptimizer(keras.optimizers.Optimizer):
         in a custom loop. With ``accumulation_steps > 1`` the window's gradient is then
         the mean over its micro-batches weighted by their samples, which equals the
         large-batch gradient also when the last micro-batch is short; pass it on every
-        call or on none. ``fit()`` passes none, and every micro-batch weighs the same.
-        Under a ``tf.distribute`` strategy give each replica's own batch size.
+        call or on none (a mix raises). ``fit()`` passes none, and every micro-batch
+        weighs the same. Under a ``tf.distribute`` strategy give each replica's own
+        batch size. ``LossScaleOptimizer.apply`` takes no ``batch_size``, so under
+        Keras' loss scaling the micro-batches weigh the same too.
         """
-        if batch_size is not None and not tf.is_tensor(batch_size):
-            batch_size = _checks.integer("batch_size", batch_size, minimum=1)
+        batch_size = _batch_size(batch_size)
+        if self.accumulation_steps > 1:
+            weighted = batch_size is not None
+            if self._weighted is None:
+                self._weighted = weighted
+            elif weighted != self._weighted:
+                said = "did not give" if weighted else "gave"
+                raise ValueError(f"batch_size={'None' if batch_size is None else 'a value'} here, but earlier "
+                                 f"apply() calls {said} one: pass batch_size on every call or on none, or a "
+                                 "window mixes weights of samples and weights of 1")
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
@@ -535,6 +572,10 @@ class GradOptimizer(keras.optimizers.Optimizer):
         scale = self.loss_scale_factor
         if scale is not None:  # scale_loss() multiplied the loss: measure and clip the true gradient
             grads = [_map_values(lambda t: t / ops.cast(scale, t.dtype), g) for g in grads]
+        with tf.control_dependencies(_batch_size_check(batch_size)):  # nothing changes before it holds
+            self._apply_checked(grads, variables, index, batch_size)
+
+    def _apply_checked(self, grads, variables, index, batch_size):
         replica = tf.distribute.get_replica_context()
         if tf.distribute.has_strategy() and replica is not None:
             # A replica of a tf.distribute strategy (fit() under MirroredStrategy): measure, decide and
