@@ -103,11 +103,9 @@ def _batch_size(value):
     if t.shape.rank is not None and t.shape.rank != 0:
         raise ValueError(f"batch_size must be a scalar, got a tensor of shape {t.shape}")
     static = tf.get_static_value(t)
-    if static is not None:
-        if int(static) < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {int(static)}")
-        return t
-    return t  # checked in the graph by _batch_size_check
+    if static is not None and int(static) < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {int(static)}")
+    return t  # a value known only when the graph runs: checked there, by _batch_size_check
 
 
 def _batch_size_check(batch_size) -> list:
