@@ -5,6 +5,7 @@
 * :func:`stability_threshold`: the largest stable learning rate, ``2 / lambda_max``
   (and ``2 (1 + beta) / lambda_max`` with heavy-ball momentum).
 * :func:`angle_between`: the angle between two gradients (how much clipping turned one).
+* :func:`max_abs_diff`: the largest difference between two sets of weights (two runs, two frameworks).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from gradtools import _checks
 
 __all__ = ["divergence_step", "gd_quadratic", "stability_threshold", "nesterov_threshold", "quadratic_diverges",
-           "bisect_threshold", "power_iteration", "rnn_cliff", "angle_between"]
+           "bisect_threshold", "power_iteration", "rnn_cliff", "angle_between", "max_abs_diff"]
 
 
 def divergence_step(losses, blowup: float = 1e6) -> int | None:
@@ -235,3 +236,35 @@ def angle_between(a, b, names: tuple = ("a", "b")) -> float:
         units.append(f / np.linalg.norm(f))
     ua, ub = units
     return math.degrees(2.0 * math.atan2(np.linalg.norm(ua - ub), np.linalg.norm(ua + ub)))
+
+
+def max_abs_diff(a, b, names: tuple = ("a", "b")) -> float:
+    """The largest absolute difference between two lists of arrays of matching shapes, in float64.
+
+    How far apart two runs' weights ended (accumulated vs large batch, PyTorch vs
+    Keras in the same layout): 0.0 for equal weights, ``nan`` if either holds a NaN.
+
+    Raises:
+        ValueError: if the lists differ in length or two arrays in shape.
+
+    Example:
+        >>> max_abs_diff([[1.0, 2.0], [3.0]], [[1.0, 2.5], [3.0]])
+        0.5
+    """
+    na, nb = names
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"{na} has {len(a)} arrays but {nb} has {len(b)}")
+    if not a:
+        raise ValueError(f"{na} is empty")
+    out = 0.0
+    for i, (u, v) in enumerate(zip(a, b)):
+        u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+        if u.shape != v.shape:
+            raise ValueError(f"{na}[{i}] has shape {u.shape} but {nb}[{i}] has shape {v.shape}")
+        if u.size:
+            d = float(np.max(np.abs(u - v)))
+            if math.isnan(d):  # max() below would drop it
+                return math.nan
+            out = max(out, d)
+    return out

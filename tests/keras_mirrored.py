@@ -21,6 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gradtools.keras as gk  # noqa: E402
+from gradtools.maths import max_abs_diff  # noqa: E402
 
 
 def dense_model():
@@ -118,15 +119,15 @@ def main():
     w0 = large_batches()
     out["custom_loop_batch_size"] = {
         "steps": [steps1, steps2],
-        "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)),
-        "max_diff_large_batch": max(float(np.max(np.abs(a - b))) for a, b in zip(w2, w0)),
+        "max_weight_diff": max_abs_diff(w1, w2),
+        "max_diff_large_batch": max_abs_diff(w2, w0),
     }
     for name in CONFIGS:
         w1, d1, _, _ = train(name, tf.distribute.get_strategy())
         w2, d2, replicas, h = train(name, mirrored)
         out[name] = {
             "replicas": mirrored.num_replicas_in_sync,
-            "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)),
+            "max_weight_diff": max_abs_diff(w1, w2),
             "replicas_identical": all(all(np.array_equal(r[0], c) for c in r[1:]) for r in replicas),
             "decisions_single": d1,
             "decisions_mirrored": d2,

@@ -1,5 +1,6 @@
 """NumPy toys: thresholds measured against theory, the RNN cliff's gradient, data generators."""
 
+import math
 
 import numpy as np
 import pytest
@@ -104,3 +105,16 @@ def test_lr_range_suggestion_resists_batch_noise(seed):
     r = sweep.result()
     assert 0.01 <= r.suggested_lr <= 0.1, r.suggested_lr
     assert r.diverged_at is not None and r.steepest_lr is not None
+
+
+def test_max_abs_diff_of_weight_lists():
+    from gradtools.maths import max_abs_diff
+
+    a = [np.ones((2, 3), np.float32), np.zeros(3)]
+    b = [np.ones((2, 3)), np.array([0.0, -0.25, 0.1])]
+    assert max_abs_diff(a, b) == 0.25 and max_abs_diff(a, a) == 0.0
+    assert math.isnan(max_abs_diff(a, [b[0], np.array([0.0, np.nan, 0.0])]))
+    with pytest.raises(ValueError, match=r"a\[1\] has shape \(3,\) but b\[1\] has shape \(2,\)"):
+        max_abs_diff(a, [b[0], np.zeros(2)])
+    with pytest.raises(ValueError, match="mine has 2 arrays but theirs has 1"):
+        max_abs_diff(a, b[:1], names=("mine", "theirs"))

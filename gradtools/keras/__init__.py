@@ -41,11 +41,11 @@ from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients,
 
 __all__ = [
     "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "clip_grad_norm",
-    "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping", "direction_change", "get_total_norm", "unit_ratios",
-    "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger", "GradOptimizer",
+    "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping", "direction_change",
+    "get_total_norm", "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger", "GradOptimizer",
     "GradStats", "GuardCheck", "hessian_vector_product", "layer_gradients", "LayerGradients", "learning_rates",
-    "loss_gradients", "LRRangeResult", "LRRangeTest", "make_optimizer", "mlp", "NonFiniteGradientError", "OneCycle",
-    "residual_mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot", "TooManySkipsError",
-    "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
-    "weight_penalty"
+    "loss_gradients", "LRRangeResult", "LRRangeTest", "make_optimizer", "mlp", "NonFiniteGradientError",
+    "OneCycle", "residual_mlp", "rnn", "rnn_input_gradients", "sgd_on_quadratic", "snapshot", "TooManySkipsError",
+    "top_hessian_eigenvalue", "train", "train_full_batch", "unit_ratios", "update_ratios", "update_sizes",
+    "Warmup", "weight_penalty"
 ]

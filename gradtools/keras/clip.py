@@ -91,6 +91,16 @@ def _paired(grads, variables):
     return grads, variables, names
 
 
+def _unit_norm(t, keepdims: bool = False):
+    """Per unit (an output column of a kernel; a vector is one unit), the 2-norm, as AGC takes it.
+
+    ``keepdims`` keeps a kernel's reduced axes, so the norms broadcast against it.
+    """
+    if len(t.shape) <= 1:
+        return tf.sqrt(tf.reduce_sum(tf.square(t)))
+    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=list(range(len(t.shape) - 1)), keepdims=keepdims))
+
+
 def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()):
     """Unit-wise adaptive gradient clipping (AGC; Brock et al., 2021); returns ``(clipped, count)``.
 
@@ -118,21 +128,14 @@ def adaptive_clip_grad(grads, variables, clip_factor: float = 0.01, eps: float =
             continue
         dense = tf.convert_to_tensor(g)  # a unit spans every row of an Embedding's table
         w = tf.cast(v, dense.dtype)
-        axes, keep = (None, False) if len(dense.shape) <= 1 else (list(range(len(dense.shape) - 1)), True)
-        w_norm = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(w), axis=axes, keepdims=keep)), eps)
-        g_norm = tf.sqrt(tf.reduce_sum(tf.square(dense), axis=axes, keepdims=keep))
+        w_norm = tf.maximum(_unit_norm(w, keepdims=True), eps)
+        g_norm = _unit_norm(dense, keepdims=True)
         limit = clip_factor * w_norm
         # timm's rule: a unit under its limit is left alone, also when the limit is below the 1e-6 floor
         scale = tf.where(g_norm < limit, tf.ones_like(g_norm), limit / tf.maximum(g_norm, 1e-6))
         count += tf.reduce_sum(tf.cast(scale < 1.0, tf.int64))
         out.append(_map_values(lambda t: t * scale, g))  # IndexedSlices stay sparse: a unit's scale is per column
     return out, count
-
-
-def _unit_norm(t):
-    """Per unit (an output column of a kernel; a vector is one unit), the 2-norm, as AGC takes it."""
-    axes = None if len(t.shape) <= 1 else list(range(len(t.shape) - 1))
-    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes))
 
 
 def unit_ratios(grads, variables, eps: float = 1e-3) -> dict:

@@ -91,28 +91,28 @@ def _inner_setting(name):
     return property(get, set, doc=f"The inner optimizer's ``{name}``.")
 
 
-def _batch_size(value):
-    """``apply``'s ``batch_size``: None, an int >= 1, or an integer scalar tensor (checked in the graph)."""
+def _batch_size(value) -> tuple:
+    """``apply``'s ``batch_size`` checked: ``(value, assertions)``.
+
+    None, an int >= 1 or an integer scalar tensor. A value known now is checked now; a
+    traced one only when the graph runs, by the returned assertion (for
+    ``tf.control_dependencies``, so that nothing changes before it holds).
+    """
     if value is None:
-        return None
+        return None, []
     if not (tf.is_tensor(value) or isinstance(value, np.ndarray)):
-        return _checks.integer("batch_size", value, minimum=1)
+        return _checks.integer("batch_size", value, minimum=1), []
     t = tf.convert_to_tensor(value)
     if not t.dtype.is_integer:
         raise TypeError(f"batch_size must be an int or an integer scalar tensor, got a {t.dtype.name} tensor")
     if t.shape.rank is not None and t.shape.rank != 0:
         raise ValueError(f"batch_size must be a scalar, got a tensor of shape {t.shape}")
     static = tf.get_static_value(t)
-    if static is not None and int(static) < 1:
+    if static is None:
+        return t, [tf.debugging.assert_positive(t, message="batch_size must be an int >= 1")]
+    if int(static) < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {int(static)}")
-    return t  # a value known only when the graph runs: checked there, by _batch_size_check
-
-
-def _batch_size_check(batch_size) -> list:
-    """In a graph, the assertion that a traced ``batch_size`` is >= 1 (for tf.control_dependencies)."""
-    if batch_size is None or not tf.is_tensor(batch_size) or tf.get_static_value(batch_size) is not None:
-        return []
-    return [tf.debugging.assert_positive(batch_size, message="batch_size must be an int >= 1")]
+    return t, []
 
 
 def _first_replica_only(g, first):
@@ -535,7 +535,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         batch size. ``LossScaleOptimizer.apply`` takes no ``batch_size``, so under
         Keras' loss scaling the micro-batches weigh the same too.
         """
-        batch_size = _batch_size(batch_size)
+        batch_size, batch_size_checks = _batch_size(batch_size)
         if self.accumulation_steps > 1:
             weighted = batch_size is not None
             if self._weighted is None:
@@ -570,7 +570,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         scale = self.loss_scale_factor
         if scale is not None:  # scale_loss() multiplied the loss: measure and clip the true gradient
             grads = [_map_values(lambda t: t / ops.cast(scale, t.dtype), g) for g in grads]
-        with tf.control_dependencies(_batch_size_check(batch_size)):  # nothing changes before it holds
+        with tf.control_dependencies(batch_size_checks):  # nothing changes before they hold
             self._apply_checked(grads, variables, index, batch_size)
 
     def _apply_checked(self, grads, variables, index, batch_size):

@@ -30,10 +30,10 @@ from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients,
 
 __all__ = [
     "Accumulator", "activation_gradients", "adaptive_clip_grad_", "clip_grad_norm_", "clip_grad_value_",
-    "clip_grads_with_norm_", "Clipper", "direction_change", "unit_ratios", "ClipResult", "get_total_norm", "grad_stats", "GradGuard", "GradStats",
-    "GuardResult", "hessian_vector_product", "layer_gradients", "LayerGradients", "learning_rates", "lr_range_test",
-    "LRRangeResult", "make_optimizer", "mlp", "Monitor", "NonFiniteGradientError", "residual_mlp", "ResidualMLP",
-    "rnn", "rnn_input_gradients", "sgd_on_quadratic", "sharpness_during_gd", "snapshot", "TooManySkipsError",
-    "top_hessian_eigenvalue", "train", "train_full_batch", "update_ratios", "update_sizes", "Warmup",
-    "weight_penalty"
+    "clip_grads_with_norm_", "Clipper", "ClipResult", "direction_change", "get_total_norm", "grad_stats",
+    "GradGuard", "GradStats", "GuardResult", "hessian_vector_product", "layer_gradients", "LayerGradients",
+    "learning_rates", "lr_range_test", "LRRangeResult", "make_optimizer", "mlp", "Monitor",
+    "NonFiniteGradientError", "residual_mlp", "ResidualMLP", "rnn", "rnn_input_gradients", "sgd_on_quadratic",
+    "sharpness_during_gd", "snapshot", "TooManySkipsError", "top_hessian_eigenvalue", "train", "train_full_batch",
+    "unit_ratios", "update_ratios", "update_sizes", "Warmup", "weight_penalty"
 ]
