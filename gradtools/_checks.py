@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -85,3 +87,10 @@ def names(name: str, value) -> tuple:
     if bad:
         raise TypeError(f"{name} must hold strings, got {bad[0]!r} ({type(bad[0]).__name__})")
     return out
+
+
+def boolean(name: str, value) -> bool:
+    """``value`` if it is a bool (NumPy's included); anything else is an error naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)

@@ -10,7 +10,8 @@ import numpy as np
 
 from gradtools import _checks
 
-__all__ = ["digits", "teacher_student", "adding_problem", "random_quadratic"]
+__all__ = ["digits", "teacher_student", "adding_problem", "random_quadratic", "zen_of_python", "char_tokens",
+           "lm_batches"]
 
 
 def digits(standardize: bool = True, one_hot: bool = False):
@@ -85,3 +86,57 @@ def random_quadratic(dim: int = 10, condition: float = 10.0, seed: int = 0):
     q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
     eig = np.sort(np.concatenate([[1.0, condition], rng.uniform(1.0, condition, dim - 2)]))[:dim] if dim > 1 else np.array([condition])
     return (q * eig) @ q.T, eig
+
+
+def zen_of_python() -> str:
+    """The Zen of Python (PEP 20), the text of the standard library's ``this`` module.
+
+    Read from the module's source without importing it (``import this`` prints
+    the poem); the text has not changed since Python 2.2, so every reader gets
+    the same 856 characters.
+    """
+    import ast
+    import codecs
+    import importlib.util
+
+    source = importlib.util.find_spec("this").loader.get_source("this")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["s"]:
+            return codecs.decode(ast.literal_eval(node.value), "rot13")
+    raise RuntimeError("the standard library's this.py holds no string 's'")  # pragma: no cover
+
+
+def char_tokens(text: str):
+    """``(ids, vocab)``: ``text`` as int64 character ids into ``vocab``, its sorted distinct characters.
+
+    Example:
+        >>> ids, vocab = char_tokens("abba")
+        >>> ids.tolist(), vocab
+        ([0, 1, 1, 0], 'ab')
+    """
+    if not isinstance(text, str) or len(text) < 2:
+        raise ValueError(f"text must be a string of at least 2 characters, got {text!r:.40}")
+    vocab = "".join(sorted(set(text)))
+    index = {c: i for i, c in enumerate(vocab)}
+    return np.array([index[c] for c in text], dtype=np.int64), vocab
+
+
+def lm_batches(ids, context: int, batch_size: int, steps: int, seed: int = 0):
+    """Next-token training batches: random windows of ``ids``, drawn with a seed.
+
+    Returns ``(x, y)``, int64 arrays of shape (steps, batch_size, context);
+    ``y`` is ``x`` shifted by one token, so ``x[s]`` and ``y[s]`` are step
+    ``s``'s inputs and targets. The same seed gives every framework the same
+    batches.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be a 1-d array of integer token ids, got dtype {ids.dtype} and shape {ids.shape}")
+    context = _checks.integer("context", context, minimum=1)
+    batch_size = _checks.integer("batch_size", batch_size, minimum=1)
+    steps = _checks.integer("steps", steps, minimum=1)
+    if len(ids) < context + 1:
+        raise ValueError(f"context must be below len(ids) = {len(ids)}, got {context}")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - context, size=(steps, batch_size))
+    windows = ids[starts[..., None] + np.arange(context + 1)].astype(np.int64)
+    return windows[..., :-1], windows[..., 1:]

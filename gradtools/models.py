@@ -12,7 +12,7 @@ import numpy as np
 
 from gradtools import _checks
 
-__all__ = ["init_mlp", "init_residual_mlp", "init_rnn", "INITS", "NORMS"]
+__all__ = ["init_mlp", "init_residual_mlp", "init_rnn", "init_transformer", "INITS", "NORMS"]
 
 #: Normalisation layers the model builders accept (``norm=``), or None for none.
 NORMS = ("batch", "layer")
@@ -144,3 +144,82 @@ def init_rnn(input_size: int, hidden: int, spectral_radius: float, seed: int = 0
         "W_out": (rng.standard_normal((hidden, 1)) / np.sqrt(hidden)).astype(np.float32),
         "b_out": np.zeros(1, np.float32),
     }
+
+
+def init_transformer(vocab_size: int, context: int = 32, width: int = 32, heads: int = 2, layers: int = 2,
+                     seed: int = 0) -> dict:
+    """Weights of a small decoder-only (GPT-style, pre-norm) Transformer language model.
+
+    Token and position embeddings, ``layers`` blocks of causal self-attention and
+    a 4x-wide GELU MLP, each behind a layer norm and on a residual stream, a
+    final layer norm and an untied read-out. GPT-2's initialisation (Radford et
+    al., 2019): N(0, 0.02) everywhere, the two projections back into the
+    residual stream scaled by ``1 / sqrt(2 layers)``, biases 0, norms 1 and 0.
+    Each block also carries the gains and biases of QK layer norm (Dehghani et
+    al., 2023), used only by a model built with ``qk_norm=True``.
+
+    Returns:
+        dict of float32 arrays, kernels (fan_in, fan_out): ``embedding``
+        (vocab, width), ``position`` (context, width), ``blocks`` (a list of dicts:
+        ``norm1_gamma``, ``norm1_beta``, ``qkv_kernel`` (width, 3 width),
+        ``qkv_bias``, ``q_norm_gamma``, ``q_norm_beta``, ``k_norm_gamma``,
+        ``k_norm_beta`` (width / heads,), ``out_kernel``, ``out_bias``,
+        ``norm2_gamma``, ``norm2_beta``, ``fc1_kernel`` (width, 4 width), ``fc1_bias``,
+        ``fc2_kernel``, ``fc2_bias``), ``norm_gamma``, ``norm_beta``,
+        ``head_kernel`` (width, vocab), ``head_bias``; and ``heads``, an int.
+
+    Example:
+        >>> w = init_transformer(vocab_size=10, context=8, width=16, heads=2, layers=1)
+        >>> w["embedding"].shape, len(w["blocks"]), w["blocks"][0]["q_norm_gamma"].shape
+        ((10, 16), 1, (8,))
+    """
+    vocab_size = _checks.integer("vocab_size", vocab_size, minimum=2)
+    context = _checks.integer("context", context, minimum=1)
+    width = _checks.integer("width", width, minimum=1)
+    heads = _checks.integer("heads", heads, minimum=1)
+    layers = _checks.integer("layers", layers, minimum=1)
+    if width % heads:
+        raise ValueError(f"width must be a multiple of heads ({heads}), got {width}")
+    rng = np.random.default_rng(seed)
+    head_dim = width // heads
+
+    def normal(*shape, std=0.02):
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
+    def ones(n):
+        return np.ones(n, dtype=np.float32)
+
+    def zeros(n):
+        return np.zeros(n, dtype=np.float32)
+
+    weights = {"embedding": normal(vocab_size, width), "position": normal(context, width), "blocks": [],
+               "heads": heads}
+    residual_std = 0.02 / np.sqrt(2 * layers)
+    for _ in range(layers):
+        weights["blocks"].append({
+            "norm1_gamma": ones(width), "norm1_beta": zeros(width),
+            "qkv_kernel": normal(width, 3 * width), "qkv_bias": zeros(3 * width),
+            "q_norm_gamma": ones(head_dim), "q_norm_beta": zeros(head_dim),
+            "k_norm_gamma": ones(head_dim), "k_norm_beta": zeros(head_dim),
+            "out_kernel": normal(width, width, std=residual_std), "out_bias": zeros(width),
+            "norm2_gamma": ones(width), "norm2_beta": zeros(width),
+            "fc1_kernel": normal(width, 4 * width), "fc1_bias": zeros(4 * width),
+            "fc2_kernel": normal(4 * width, width, std=residual_std), "fc2_bias": zeros(width),
+        })
+    weights.update(norm_gamma=ones(width), norm_beta=zeros(width), head_kernel=normal(width, vocab_size),
+                   head_bias=zeros(vocab_size))
+    return weights
+
+
+def transformer_shapes(weights) -> tuple[int, int, int, int, int]:
+    """``(vocab_size, context, width, heads, layers)`` of :func:`init_transformer` weights, checked."""
+    if not isinstance(weights, dict) or not {"embedding", "position", "blocks", "heads"} <= set(weights):
+        raise ValueError("weights must be the dict gradtools.models.init_transformer returns, got "
+                         f"{type(weights).__name__}{sorted(weights) if isinstance(weights, dict) else ''}")
+    vocab_size, width = np.shape(weights["embedding"])
+    context = np.shape(weights["position"])[0]
+    heads = _checks.integer("weights['heads']", weights["heads"], minimum=1)
+    if not weights["blocks"] or width % heads:
+        raise ValueError(f"weights must hold at least one block and width ({width}) must be a multiple of "
+                         f"heads ({heads})")
+    return int(vocab_size), int(context), int(width), heads, len(weights["blocks"])

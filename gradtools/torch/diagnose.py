@@ -1,0 +1,187 @@
+"""Train a language model with the field guide's remedies and record what goes wrong, in PyTorch.
+
+:func:`train_lm` is a plain next-token training loop over pre-drawn batches that
+records, at every step, the diagnostics of :class:`gradtools.diagnose.RunTrace`;
+its remedies are arguments (a warm-up scheduler, a clipping policy, an output
+z-loss, a :class:`~gradtools.torch.GradGuard` that skips spiking steps, a
+:class:`Rollback`). :class:`Rollback` is PaLM's restart-and-skip for any
+PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from gradtools import _checks
+from gradtools.diagnose import RollbackBase, RunTrace, check_batches
+from gradtools.optim import check_run
+from gradtools.torch import _checks as _tchecks
+from gradtools.torch.clip import Clipper
+from gradtools.torch.guard import GradGuard
+from gradtools.torch.transformer import z_loss as _z_loss
+
+__all__ = ["Rollback", "train_lm"]
+
+
+class Rollback(RollbackBase):
+    """Roll ``model``, ``optimizer`` (and ``scheduler``) back to a checkpoint on a loss spike.
+
+    The logic is :class:`gradtools.diagnose.RollbackBase`'s: a checkpoint before
+    every ``every``-th accepted step, and on a spike of the loss (or a
+    non-finite loss) a restore and a jump of ``skip_batches`` in the data.
+    Checkpoints are copies in memory; ``state_dict()`` of each object, cloned.
+
+    Args:
+        model (torch.nn.Module), optimizer (torch.optim.Optimizer): restored together.
+        scheduler (LRScheduler or None): restored too, so the rate goes back with the step.
+        every (int): accepted steps between checkpoints, default 25.
+        skip_batches (int): batches skipped from the spike on, default 10.
+        spike (SpikeDetector or None): the loss-spike test, default
+            ``SpikeDetector(window=50, z_thresh=6)``.
+        max_rollbacks (int): more raise ``TooManySkipsError``, default 5.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> rollback = Rollback(model, opt, every=10)
+        >>> x = torch.ones(8, 4, 2)
+        >>> for i in rollback.batches(len(x)):
+        ...     opt.zero_grad()
+        ...     loss = model(x[i]).square().mean()
+        ...     loss.backward()
+        ...     if rollback.check(loss, total):
+        ...         opt.step()
+        >>> rollback.rollbacks
+        []
+    """
+
+    def __init__(self, model, optimizer, scheduler=None, every: int = 25, skip_batches: int = 10, spike=None,
+                 max_rollbacks: int = 5):
+        _tchecks.module("model", model)
+        _tchecks.optimizer("optimizer", optimizer, closure=False)
+        if scheduler is not None and not hasattr(scheduler, "state_dict"):
+            raise TypeError(f"scheduler must be a learning-rate scheduler or None, got {type(scheduler).__name__}")
+        super().__init__(every=every, skip_batches=skip_batches, spike=spike, max_rollbacks=max_rollbacks)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def check(self, loss, grad_norm=None) -> bool:
+        detach = (lambda t: t.detach() if isinstance(t, torch.Tensor) else t)
+        return super().check(detach(loss), detach(grad_norm))
+
+    check.__doc__ = RollbackBase.check.__doc__
+
+    def _save(self):
+        objects = (self.model, self.optimizer, self.scheduler)
+        return [None if o is None else copy.deepcopy(o.state_dict()) for o in objects]
+
+    def _restore(self, saved) -> None:
+        for obj, state in zip((self.model, self.optimizer, self.scheduler), saved):
+            if obj is not None:
+                obj.load_state_dict(copy.deepcopy(state))
+
+
+def _groups(model) -> dict:
+    """``{group: [parameters]}``: the model's own ``groups()`` or one group per trainable parameter."""
+    if callable(getattr(model, "groups", None)):
+        groups = {name: [p for p in params if p.requires_grad] for name, params in model.groups().items()}
+    else:
+        groups = {name: [p] for name, p in model.named_parameters() if p.requires_grad}
+    return {name: params for name, params in groups.items() if params}
+
+
+def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 0.0, guard=None,
+             rollback=None, spike_at: int | None = None, spike_factor: float = 1000.0) -> RunTrace:
+    """Next-token training on pre-drawn batches, recording the field guide's diagnostics.
+
+    Each step computes the cross-entropy of ``model(x[i])`` against ``y[i]``
+    (plus ``z_loss`` times :func:`gradtools.torch.z_loss` of the logits),
+    backpropagates, applies the remedies given and steps. The diagnostics
+    (:class:`gradtools.diagnose.RunTrace`) are grouped by the model's
+    ``groups()`` when it has one (:class:`gradtools.torch.Transformer` does) and
+    read the largest attention logits from its ``attention_logits()``.
+
+    Args:
+        model (torch.nn.Module): maps token ids (batch, length) to logits (batch, length, vocab).
+        optimizer (torch.optim.Optimizer): over the model's parameters.
+        x, y: int arrays (steps, batch, length), e.g. from :func:`gradtools.data.lm_batches`.
+        scheduler: an ``LRScheduler`` (for example :class:`gradtools.torch.Warmup`),
+            stepped after each step taken.
+        clip: a global-norm clipping policy for a :class:`gradtools.torch.Clipper`
+            (a threshold, ``"zclip"``, a policy); with ``guard`` give the guard the clipper.
+        z_loss (float): weight of the z-loss term, default 0 (PaLM used 1e-4).
+        guard (GradGuard or None): steps through ``guard.step()``, which skips
+            non-finite and spiking steps (OLMo-core's skip-step).
+        rollback (Rollback or None): checks each loss and global gradient norm and
+            rolls back on a spike of either.
+        spike_at (int or None): the batch (index into ``x``) whose gradient is
+            multiplied by ``spike_factor`` (default 1000), a stand-in for one bad batch.
+
+    Returns:
+        :class:`gradtools.diagnose.RunTrace` (one host sync per step only for the
+        remedies that decide on the host: a clipping policy, a guard, a rollback).
+    """
+    _tchecks.module("model", model)
+    _tchecks.optimizer("optimizer", optimizer, closure=False)
+    z_loss = _checks.non_negative("z_loss", z_loss)
+    if guard is not None and not isinstance(guard, GradGuard):
+        raise TypeError(f"guard must be a gradtools.torch.GradGuard or None, got {type(guard).__name__}")
+    if guard is not None and clip is not None:
+        raise ValueError(f"give the clipping policy to the guard (GradGuard(clipper=...)), not clip={clip!r}")
+    if rollback is not None and not isinstance(rollback, Rollback):
+        raise TypeError(f"rollback must be a gradtools.torch.Rollback or None, got {type(rollback).__name__}")
+    x, y = check_batches(x, y)
+    _, spike_at, spike_factor = check_run(len(x), spike_at, spike_factor)
+    clipper = None if clip is None else Clipper(clip)
+    groups = _groups(model)
+    params = [p for ps in groups.values() for p in ps]
+    index = torch.tensor([g for g, ps in enumerate(groups.values()) for _ in ps])
+    xt, yt = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(y, dtype=torch.long)
+
+    def by_group(norms):
+        return torch.zeros(len(groups), dtype=norms.dtype).index_add_(0, index, norms.square()).sqrt()
+
+    rows = []
+    for i in (range(len(x)) if rollback is None else rollback.batches(len(x))):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(xt[i])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yt[i].reshape(-1))
+        (loss + z_loss * _z_loss(logits) if z_loss else loss).backward()
+        if i == spike_at:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], spike_factor)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))
+        total = norms.square().sum().sqrt()
+        lr = optimizer.param_groups[0]["lr"]
+        attention = model.attention_logits() if callable(getattr(model, "attention_logits", None)) else None
+        with torch.no_grad():
+            before = torch._foreach_mul(params, 1.0)
+        if rollback is not None and not rollback.check(loss, total):
+            stepped = False
+        elif guard is not None:
+            stepped = guard.step().stepped
+        else:
+            if clipper is not None:
+                clipper(grads)
+            optimizer.step()
+            stepped = True
+        if stepped and scheduler is not None:
+            scheduler.step()
+        with torch.no_grad():
+            moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before), 2.0))
+            ratio = by_group(moved) / by_group(torch.stack(torch._foreach_norm(before, 2.0)))
+        rows.append((loss.detach(), total, by_group(norms),
+                     ratio if stepped else torch.zeros_like(ratio), attention, lr, not stepped))
+    return _trace(rows, list(groups), [] if rollback is None else list(rollback.rollbacks))
+
+
+def _trace(rows, names, rollbacks) -> RunTrace:
+    losses, totals, norms, ratios, attention, lrs, skipped = zip(*rows)
+    norms, ratios = torch.stack(norms).numpy(), torch.stack(ratios).numpy()
+    return RunTrace(
+        losses=torch.stack(losses).numpy().astype(np.float64), grad_norms=torch.stack(totals).numpy(),
+        group_norms={n: norms[:, j] for j, n in enumerate(names)},
+        update_ratios={n: ratios[:, j] for j, n in enumerate(names)},
+        attention_logits=(np.zeros((len(rows), 0)) if attention[0] is None else torch.stack(attention).numpy()),
+        lrs=np.array(lrs, dtype=np.float64), skipped=np.array(skipped, dtype=bool), rollbacks=rollbacks)
