@@ -44,7 +44,8 @@ class Rollback(RollbackBase):
         max_rollbacks (int): more raise ``TooManySkipsError``, default 5.
 
     Example:
-        >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> rollback = Rollback(model, opt, every=10)
         >>> x = torch.ones(8, 4, 2)
         >>> for i in rollback.batches(len(x)):
