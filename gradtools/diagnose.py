@@ -44,8 +44,8 @@ def spike_flags(values, window: int = 50, z_thresh: float = 6.0, min_history: in
     window.
 
     Example:
-        >>> flags = spike_flags([1.0, 1.1, 0.9, 1.0, 50.0, 1.0], window=4, min_history=3)
-        >>> flags.tolist()
+        >>> history = [1.0, 1.1, 0.9, 1.0, 50.0, 1.0]
+        >>> spike_flags(history, window=4, min_history=3).tolist()
         [False, False, False, False, True, False]
     """
     detector = SpikeDetector(window=window, z_thresh=z_thresh, min_history=min_history, min_ratio=min_ratio)

@@ -227,3 +227,74 @@ def test_run_trace_verdicts_and_spike_flags():
     assert flags.tolist() == [i == 20 for i in range(n)]
     with pytest.raises(ValueError, match="values must be a 1-d history"):
         diagnose.spike_flags(np.zeros((2, 2)))
+
+
+def _numpy_max_logit(q, k, heads, allowed):
+    """Largest ``q k^T / sqrt(d)`` over allowed (T, S) positions; q, k (B, T, E) projected."""
+    b, t, e = q.shape
+    d = e // heads
+    q = q.reshape(b, t, heads, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, k.shape[1], heads, d).transpose(0, 2, 1, 3)
+    logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
+    return logits[..., allowed].max()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_attention_logits_of_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    model = torch.nn.ModuleDict({"attn": mha})
+    tracker = gt.AttentionLogits(model)
+    h = torch.randn(3, 5, 8) * 3
+    inp = h if batch_first else h.transpose(0, 1)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    mha(inp, inp, inp, attn_mask=causal, need_weights=False)
+    w, bias = mha.in_proj_weight.detach().numpy(), mha.in_proj_bias.detach().numpy()
+    q, k = (h.numpy() @ w[i * 8:(i + 1) * 8].T + bias[i * 8:(i + 1) * 8] for i in (0, 1))
+    allowed = np.tril(np.ones((5, 5), bool))
+    assert tracker.names == ["attn"]
+    assert float(tracker.values()[0]) == pytest.approx(_numpy_max_logit(q, k, 2, allowed), rel=1e-5)
+    full = _numpy_max_logit(q, k, 2, np.ones((5, 5), bool))
+    mha(inp, inp, inp, need_weights=False)  # no mask: every position counts
+    assert float(tracker.values()[0]) == pytest.approx(full, rel=1e-5)
+    tracker.remove()
+    mha(inp[:1], inp[:1], inp[:1], need_weights=False)
+    assert float(tracker.values()[0]) == pytest.approx(full, rel=1e-5)  # no longer updated
+
+
+def test_keras_attention_logits_of_multihead_attention_inside_a_tf_function():
+    import tensorflow as tf
+
+    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    h = (3 * np.random.default_rng(0).standard_normal((3, 5, 8))).astype("float32")
+    mha(h, h)
+    tracker = gk.AttentionLogits(mha)
+    tf.function(lambda a: mha(a, a, use_causal_mask=True))(h)
+    q = np.einsum("bte,enh->btnh", h, mha._query_dense.kernel.numpy()) + mha._query_dense.bias.numpy()
+    k = np.einsum("bte,enh->btnh", h, mha._key_dense.kernel.numpy()) + mha._key_dense.bias.numpy()
+    allowed = np.tril(np.ones((5, 5), bool))
+    expected = _numpy_max_logit(q.reshape(3, 5, 8), k.reshape(3, 5, 8), 2, allowed)
+    assert float(tracker.values()[0]) == pytest.approx(expected, rel=1e-5)
+    tracker.remove()
+    assert "_compute_attention" not in vars(mha)
+
+
+def test_train_lm_tracks_a_model_built_on_multihead_attention():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(len(VOCAB), 16)
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = torch.nn.Linear(16, len(VOCAB))
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(1)
+            return self.head(self.attn(h, h, h, attn_mask=mask, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = Tiny()
+    trace = gt.train_lm(model, torch.optim.Adam(model.parameters(), lr=1e-2), X[:3], Y[:3])
+    assert trace.attention_logits.shape == (3, 1) and np.all(trace.attention_logits > 0)
+    assert list(trace.group_norms) == [name for name, _ in model.named_parameters()]
+    assert not model.attn._forward_pre_hooks  # the tracker's hook is gone

@@ -27,7 +27,7 @@ from gradtools.keras.clip import (  # noqa: E402
     direction_change,
     unit_ratios,
 )
-from gradtools.keras.diagnose import Rollback, train_lm  # noqa: E402
+from gradtools.keras.diagnose import AttentionLogits, Rollback, train_lm  # noqa: E402
 from gradtools.keras.guard import GradGuard, GuardCheck, NonFiniteGradientError, TooManySkipsError  # noqa: E402
 from gradtools.keras.lr_range import LRRangeResult, LRRangeTest  # noqa: E402
 from gradtools.keras.flow import LayerGradients, layer_gradients  # noqa: E402
@@ -42,13 +42,13 @@ from gradtools.keras.transformer import CausalSelfAttention, Transformer, transf
 from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic  # noqa: E402
 
 __all__ = [
-    "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "CausalSelfAttention",
-    "clip_grad_norm", "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult", "compare_clipping",
-    "direction_change", "get_total_norm", "grad_stats", "GradGuard", "GradientAccumulator", "GradientLogger",
-    "GradOptimizer", "GradStats", "GuardCheck", "hessian_vector_product", "layer_gradients", "LayerGradients",
-    "learning_rates", "loss_gradients", "LRRangeResult", "LRRangeTest", "make_optimizer", "mlp",
+    "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "AttentionLogits",
+    "CausalSelfAttention", "clip_grad_norm", "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult",
+    "compare_clipping", "direction_change", "get_total_norm", "grad_stats", "GradGuard", "GradientAccumulator",
+    "GradientLogger", "GradOptimizer", "GradStats", "GuardCheck", "hessian_vector_product", "layer_gradients",
+    "LayerGradients", "learning_rates", "loss_gradients", "LRRangeResult", "LRRangeTest", "make_optimizer", "mlp",
     "NonFiniteGradientError", "OneCycle", "residual_mlp", "rnn", "rnn_input_gradients", "Rollback",
     "sgd_on_quadratic", "snapshot", "TooManySkipsError", "top_hessian_eigenvalue", "train", "train_full_batch",
-    "train_lm", "transformer", "Transformer", "unit_ratios", "update_ratios", "update_sizes", "Warmup",
+    "train_lm", "Transformer", "transformer", "unit_ratios", "update_ratios", "update_sizes", "Warmup",
     "weight_penalty", "z_loss"
 ]

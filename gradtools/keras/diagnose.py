@@ -21,9 +21,93 @@ import tensorflow as tf  # noqa: E402
 
 from gradtools.keras.clip import Clipper  # noqa: E402
 from gradtools.keras.guard import GradGuard  # noqa: E402
+from gradtools.keras.transformer import CausalSelfAttention  # noqa: E402
 from gradtools.keras.transformer import z_loss as _z_loss  # noqa: E402
 
-__all__ = ["Rollback", "train_lm"]
+__all__ = ["AttentionLogits", "Rollback", "train_lm"]
+
+
+def _mha_max_logit(layer, query, key, attention_mask, use_causal_mask):
+    """The largest pre-softmax logit of one ``keras.layers.MultiHeadAttention`` call, from its
+    projected query (B, T, N, d) and key (B, S, N, d), with the masks the layer applies."""
+    logits = tf.einsum("btnh,bsnh->bnts", query, key) * tf.cast(layer._inverse_sqrt_key_dim, query.dtype)
+    allowed = None
+    if attention_mask is not None:
+        allowed = tf.cast(attention_mask, tf.bool)[:, None]  # (B, 1, T, S)
+    if use_causal_mask:
+        length, source = tf.shape(logits)[-2], tf.shape(logits)[-1]
+        causal = tf.linalg.band_part(tf.ones((length, source), tf.bool), -1, 0)
+        allowed = causal if allowed is None else tf.logical_and(allowed, causal)
+    if allowed is not None:
+        logits = tf.where(allowed, logits, tf.cast(float("-inf"), logits.dtype))
+    return tf.cast(tf.reduce_max(logits), tf.float32)
+
+
+class AttentionLogits:
+    """Track the largest pre-softmax attention logit of every attention layer of a Keras model.
+
+    The twin of ``gradtools.torch.AttentionLogits``. It finds
+    :class:`gradtools.keras.CausalSelfAttention` layers (which record their own
+    ``max_logit``) and ``keras.layers.MultiHeadAttention`` layers, whose
+    ``_compute_attention`` (the method Keras documents as the place to
+    customise attention) it wraps to record the maximum of the scaled query-key
+    products, with the layer's attention and causal masks. Create the tracker
+    before the model's training step is first traced (a traced ``fit()`` or
+    ``tf.function`` keeps the unwrapped call); :meth:`remove` unwraps. Works
+    eagerly, in ``tf.function`` and inside ``fit()``; a layer not yet called reads 0.
+
+    Args:
+        model (keras.Model or keras.layers.Layer): any model holding such layers.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+        >>> h = np.random.default_rng(0).standard_normal((3, 5, 8)).astype("float32")
+        >>> _ = mha(h, h)
+        >>> tracker = AttentionLogits(mha)
+        >>> _ = mha(h, h, use_causal_mask=True)
+        >>> tracker.values().shape
+        TensorShape([1])
+    """
+
+    def __init__(self, model):
+        if not isinstance(model, keras.layers.Layer):
+            raise TypeError(f"model must be a keras.Model or layer, got {type(model).__name__}")
+        self.names, self._values, self._wrapped = [], [], []
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            if isinstance(layer, CausalSelfAttention):
+                self.names.append(layer.path if hasattr(layer, "path") else layer.name)
+                self._values.append(layer)
+            elif isinstance(layer, keras.layers.MultiHeadAttention):
+                value = tf.Variable(0.0, trainable=False, name="max_logit")
+                self.names.append(layer.name)
+                self._values.append(value)
+                self._wrap(layer, value)
+
+    def _wrap(self, layer, value):
+        original = layer._compute_attention
+
+        def compute_attention(query, key, value_, attention_mask=None, training=None, return_attention_scores=False,
+                              use_causal_mask=False):
+            value.assign(_mha_max_logit(layer, query, key, attention_mask, use_causal_mask))
+            return original(query, key, value_, attention_mask=attention_mask, training=training,
+                            return_attention_scores=return_attention_scores, use_causal_mask=use_causal_mask)
+
+        object.__setattr__(layer, "_compute_attention", compute_attention)
+        self._wrapped.append(layer)
+
+    def values(self):
+        """Each layer's largest logit in its last call, a 1-d tensor in the order of ``names``."""
+        if not self._values:
+            return tf.zeros([0])
+        return tf.stack([tf.convert_to_tensor(v.max_logit.value if isinstance(v, CausalSelfAttention) else v)
+                         for v in self._values])
+
+    def remove(self) -> None:
+        """Give the wrapped layers back their own ``_compute_attention``."""
+        for layer in self._wrapped:
+            object.__delattr__(layer, "_compute_attention")
+        self._wrapped = []
 
 
 def _check_optimizer(optimizer):
@@ -117,7 +201,7 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
     groups = _groups(model)
     variables = [v for vs in groups.values() for v in vs]
     segments = tf.constant([g for g, vs in enumerate(groups.values()) for _ in vs])
-    has_attention = callable(getattr(model, "attention_logits", None))
+    tracker = AttentionLogits(model)
     if not optimizer.built:
         optimizer.build(variables)
 
@@ -132,7 +216,7 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
             total = loss + z_loss * _z_loss(logits) if z_loss else loss
         grads = [tf.zeros_like(v) if g is None else g * factor
                  for v, g in zip(variables, tape.gradient(total, variables))]
-        attention = model.attention_logits() if has_attention else tf.zeros([0])
+        attention = tracker.values()
         return loss, grads, tf.stack([tf.norm(g) for g in grads]), attention
 
     @tf.function(jit_compile=False)
@@ -145,24 +229,27 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
         return by_group(moved) / by_group(tf.stack([tf.norm(b) for b in before]))
 
     rows = []
-    for i in (range(len(x)) if rollback is None else rollback.batches(len(x))):
-        factor = tf.constant(spike_factor if i == spike_at else 1.0)
-        loss, grads, norms, attention = gradients(tf.constant(x[i]), tf.constant(y[i]), factor)
-        total = tf.norm(norms)
-        lr = float(optimizer.learning_rate)
-        before = [tf.identity(v) for v in variables]
-        if rollback is not None and not rollback.check(loss, total):
-            stepped = False
-        elif guard is not None:
-            stepped = bool(guard.apply(grads, variables))
-        else:
-            if clipper is not None:
-                grads = clipper(grads)[0]
-            apply(grads)
-            stepped = True
-        ratio = ratios(before)
-        rows.append((loss, total, by_group(norms), ratio if stepped else tf.zeros_like(ratio), attention, lr,
-                     not stepped))
+    try:
+        for i in (range(len(x)) if rollback is None else rollback.batches(len(x))):
+            factor = tf.constant(spike_factor if i == spike_at else 1.0)
+            loss, grads, norms, attention = gradients(tf.constant(x[i]), tf.constant(y[i]), factor)
+            total = tf.norm(norms)
+            lr = float(optimizer.learning_rate)
+            before = [tf.identity(v) for v in variables]
+            if rollback is not None and not rollback.check(loss, total):
+                stepped = False
+            elif guard is not None:
+                stepped = bool(guard.apply(grads, variables))
+            else:
+                if clipper is not None:
+                    grads = clipper(grads)[0]
+                apply(grads)
+                stepped = True
+            ratio = ratios(before)
+            rows.append((loss, total, by_group(norms), ratio if stepped else tf.zeros_like(ratio), attention, lr,
+                         not stepped))
+    finally:
+        tracker.remove()
     losses, totals, norms, ratios_, attention, lrs, skipped = zip(*rows)
     norms, ratios_ = np.stack([n.numpy() for n in norms]), np.stack([r.numpy() for r in ratios_])
     names = list(groups)

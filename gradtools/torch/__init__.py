@@ -17,7 +17,7 @@ from gradtools.torch.clip import (
     direction_change,
     unit_ratios,
 )
-from gradtools.torch.diagnose import Rollback, train_lm
+from gradtools.torch.diagnose import AttentionLogits, Rollback, train_lm
 from gradtools.torch.guard import GradGuard, GuardResult, NonFiniteGradientError, TooManySkipsError
 from gradtools.torch.lr_range import LRRangeResult, lr_range_test
 from gradtools.torch.flow import LayerGradients, layer_gradients
@@ -31,12 +31,12 @@ from gradtools.torch.transformer import CausalSelfAttention, Transformer, transf
 from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic, sharpness_during_gd
 
 __all__ = [
-    "Accumulator", "activation_gradients", "adaptive_clip_grad_", "CausalSelfAttention", "clip_grad_norm_",
-    "clip_grad_value_", "clip_grads_with_norm_", "Clipper", "ClipResult", "direction_change", "get_total_norm",
-    "grad_stats", "GradGuard", "GradStats", "GuardResult", "hessian_vector_product", "layer_gradients",
-    "LayerGradients", "learning_rates", "lr_range_test", "LRRangeResult", "make_optimizer", "mlp", "Monitor",
-    "NonFiniteGradientError", "residual_mlp", "ResidualMLP", "rnn", "rnn_input_gradients", "Rollback",
+    "Accumulator", "activation_gradients", "adaptive_clip_grad_", "AttentionLogits", "CausalSelfAttention",
+    "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "Clipper", "ClipResult", "direction_change",
+    "get_total_norm", "grad_stats", "GradGuard", "GradStats", "GuardResult", "hessian_vector_product",
+    "layer_gradients", "LayerGradients", "learning_rates", "lr_range_test", "LRRangeResult", "make_optimizer", "mlp",
+    "Monitor", "NonFiniteGradientError", "residual_mlp", "ResidualMLP", "rnn", "rnn_input_gradients", "Rollback",
     "sgd_on_quadratic", "sharpness_during_gd", "snapshot", "TooManySkipsError", "top_hessian_eigenvalue", "train",
-    "train_full_batch", "train_lm", "transformer", "Transformer", "unit_ratios", "update_ratios", "update_sizes",
+    "train_full_batch", "train_lm", "Transformer", "transformer", "unit_ratios", "update_ratios", "update_sizes",
     "Warmup", "weight_penalty", "z_loss"
 ]

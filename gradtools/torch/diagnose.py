@@ -11,6 +11,8 @@ PyTorch loop.
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 
 import numpy as np
 import torch
@@ -21,9 +23,112 @@ from gradtools.optim import check_run
 from gradtools.torch import _checks as _tchecks
 from gradtools.torch.clip import Clipper
 from gradtools.torch.guard import GradGuard
+from gradtools.torch.transformer import CausalSelfAttention
 from gradtools.torch.transformer import z_loss as _z_loss
 
-__all__ = ["Rollback", "train_lm"]
+__all__ = ["AttentionLogits", "Rollback", "train_lm"]
+
+
+def _mha_max_logit(mha: torch.nn.MultiheadAttention, bound) -> torch.Tensor:
+    """The largest pre-softmax logit ``q k^T / sqrt(head_dim) (+ float mask)`` of one
+    ``nn.MultiheadAttention`` call, recomputed from its inputs and projection weights."""
+    query, key = bound.arguments["query"], bound.arguments["key"]
+    if query.dim() == 2:  # unbatched (length, embed)
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+    elif mha.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    embed, heads = mha.embed_dim, mha.num_heads
+    if mha._qkv_same_embed_dim:
+        w_q, w_k = mha.in_proj_weight[:embed], mha.in_proj_weight[embed:2 * embed]
+    else:
+        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+    b_q = b_k = None
+    if mha.in_proj_bias is not None:
+        b_q, b_k = mha.in_proj_bias[:embed], mha.in_proj_bias[embed:2 * embed]
+    q = torch.nn.functional.linear(query, w_q, b_q)  # (length, batch, embed)
+    k = torch.nn.functional.linear(key, w_k, b_k)
+    head_dim = embed // heads
+    q = q.reshape(q.shape[0], q.shape[1], heads, head_dim).permute(1, 2, 0, 3)  # (batch, heads, L, d)
+    k = k.reshape(k.shape[0], k.shape[1], heads, head_dim).permute(1, 2, 0, 3)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
+    mask = bound.arguments.get("attn_mask")
+    if mask is None and bound.arguments.get("is_causal"):
+        mask = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).triu(1)
+    if mask is not None:
+        if mask.dim() == 3:  # (batch * heads, L, S)
+            mask = mask.reshape(logits.shape)
+        logits = logits.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    padding = bound.arguments.get("key_padding_mask")
+    if padding is not None:
+        padding = padding[:, None, None, :]
+        logits = logits.masked_fill(padding, float("-inf")) if padding.dtype == torch.bool else logits + padding
+    return logits.amax()
+
+
+class AttentionLogits:
+    """Track the largest pre-softmax attention logit of every attention layer of a model.
+
+    The logit ``q . k / sqrt(head_dim)`` grows without bound in Transformers
+    trained at too high a rate; once it reaches the hundreds the softmax is
+    one-hot and the attention stops learning (Dehghani et al., 2023; Wortsman
+    et al., 2023). Two kinds of layer are found, in module order:
+    :class:`gradtools.torch.CausalSelfAttention` (which records its own
+    ``max_logit``) and ``torch.nn.MultiheadAttention``, for which a forward
+    pre-hook recomputes the logits from the layer's inputs and projection
+    weights, its ``attn_mask``, ``is_causal`` and ``key_padding_mask``
+    included (an extra ``q k^T`` per call, no host sync). Layers with
+    ``bias_k`` or ``add_zero_attn`` are refused. A layer not yet called reads 0.
+
+    Args:
+        model (torch.nn.Module): any module holding such layers.
+
+    Example:
+        >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> tracker = AttentionLogits(torch.nn.ModuleList([mha]))
+        >>> h = torch.randn(3, 5, 8)
+        >>> _ = mha(h, h, h, need_weights=False)
+        >>> tracker.names, tracker.values().shape
+        (['0'], torch.Size([1]))
+    """
+
+    def __init__(self, model):
+        _tchecks.module("model", model)
+        self.names, self._layers, self._hooks, self._last = [], [], [], {}
+        for name, module in model.named_modules():
+            if isinstance(module, CausalSelfAttention):
+                self.names.append(name)
+                self._layers.append(module)
+            elif isinstance(module, torch.nn.MultiheadAttention):
+                if module.bias_k is not None or module.add_zero_attn:
+                    raise ValueError(f"model.{name}: MultiheadAttention with bias_k or add_zero_attn is not "
+                                     "supported by AttentionLogits")
+                self.names.append(name)
+                self._layers.append(module)
+                self._hooks.append(module.register_forward_pre_hook(self._hook(module), with_kwargs=True))
+
+    def _hook(self, module):
+        signature = inspect.signature(module.forward)
+
+        def hook(mod, args, kwargs):
+            bound = signature.bind(*args, **kwargs)
+            with torch.no_grad():
+                self._last[id(mod)] = _mha_max_logit(mod, bound)
+
+        return hook
+
+    def values(self) -> torch.Tensor:
+        """Each layer's largest logit in its last call, a 1-d tensor in the order of ``names``."""
+        out = []
+        for layer in self._layers:
+            value = layer.max_logit if isinstance(layer, CausalSelfAttention) else self._last.get(id(layer))
+            out.append(torch.zeros(()) if value is None else value.float())
+        return torch.stack(out) if out else torch.zeros(0)
+
+    def remove(self) -> None:
+        """Remove the hooks (a tracker of gradtools layers only has none)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
 
 class Rollback(RollbackBase):
@@ -52,7 +157,7 @@ class Rollback(RollbackBase):
         ...     opt.zero_grad()
         ...     loss = model(x[i]).square().mean()
         ...     loss.backward()
-        ...     if rollback.check(loss, total):
+        ...     if rollback.check(loss):
         ...         opt.step()
         >>> rollback.rollbacks
         []
@@ -100,8 +205,9 @@ def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 
     (plus ``z_loss`` times :func:`gradtools.torch.z_loss` of the logits),
     backpropagates, applies the remedies given and steps. The diagnostics
     (:class:`gradtools.diagnose.RunTrace`) are grouped by the model's
-    ``groups()`` when it has one (:class:`gradtools.torch.Transformer` does) and
-    read the largest attention logits from its ``attention_logits()``.
+    ``groups()`` when it has one (:class:`gradtools.torch.Transformer` does);
+    the attention logits are those of :class:`AttentionLogits`, so a model built
+    on ``torch.nn.MultiheadAttention`` has them too.
 
     Args:
         model (torch.nn.Module): maps token ids (batch, length) to logits (batch, length, vocab).
@@ -139,41 +245,45 @@ def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 
     params = [p for ps in groups.values() for p in ps]
     index = torch.tensor([g for g, ps in enumerate(groups.values()) for _ in ps])
     xt, yt = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(y, dtype=torch.long)
+    tracker = AttentionLogits(model)
 
     def by_group(norms):
         return torch.zeros(len(groups), dtype=norms.dtype).index_add_(0, index, norms.square()).sqrt()
 
     rows = []
-    for i in (range(len(x)) if rollback is None else rollback.batches(len(x))):
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(xt[i])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yt[i].reshape(-1))
-        (loss + z_loss * _z_loss(logits) if z_loss else loss).backward()
-        if i == spike_at:
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], spike_factor)
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        norms = torch.stack(torch._foreach_norm(grads, 2.0))
-        total = norms.square().sum().sqrt()
-        lr = optimizer.param_groups[0]["lr"]
-        attention = model.attention_logits() if callable(getattr(model, "attention_logits", None)) else None
-        with torch.no_grad():
-            before = torch._foreach_mul(params, 1.0)
-        if rollback is not None and not rollback.check(loss, total):
-            stepped = False
-        elif guard is not None:
-            stepped = guard.step().stepped
-        else:
-            if clipper is not None:
-                clipper(grads)
-            optimizer.step()
-            stepped = True
-        if stepped and scheduler is not None:
-            scheduler.step()
-        with torch.no_grad():
-            moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before), 2.0))
-            ratio = by_group(moved) / by_group(torch.stack(torch._foreach_norm(before, 2.0)))
-        rows.append((loss.detach(), total, by_group(norms),
-                     ratio if stepped else torch.zeros_like(ratio), attention, lr, not stepped))
+    try:
+        for i in (range(len(x)) if rollback is None else rollback.batches(len(x))):
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xt[i])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yt[i].reshape(-1))
+            (loss + z_loss * _z_loss(logits) if z_loss else loss).backward()
+            if i == spike_at:
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], spike_factor)
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            norms = torch.stack(torch._foreach_norm(grads, 2.0))
+            total = norms.square().sum().sqrt()
+            lr = optimizer.param_groups[0]["lr"]
+            attention = tracker.values() if tracker.names else None
+            with torch.no_grad():
+                before = torch._foreach_mul(params, 1.0)
+            if rollback is not None and not rollback.check(loss, total):
+                stepped = False
+            elif guard is not None:
+                stepped = guard.step().stepped
+            else:
+                if clipper is not None:
+                    clipper(grads)
+                optimizer.step()
+                stepped = True
+            if stepped and scheduler is not None:
+                scheduler.step()
+            with torch.no_grad():
+                moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before), 2.0))
+                ratio = by_group(moved) / by_group(torch.stack(torch._foreach_norm(before, 2.0)))
+            rows.append((loss.detach(), total, by_group(norms),
+                         ratio if stepped else torch.zeros_like(ratio), attention, lr, not stepped))
+    finally:
+        tracker.remove()
     return _trace(rows, list(groups), [] if rollback is None else list(rollback.rollbacks))
 
 
