@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     sys.path.insert(0, TOOLS)
     import check_notebooks
+    import claims_index
 
     problems = [p for path in sorted(glob.glob(os.path.join(ROOT, "chapters", "**", "*.ipynb"), recursive=True))
                 for p in check_notebooks.check(os.path.relpath(path, ROOT))]
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
         print("\n".join(problems), file=sys.stderr)
         print("book NOT built: fix the notebooks above", file=sys.stderr)
         return 1
+    claims_index.main(["--root", ROOT])  # the appendix's claims index, from the chapters' claims tables
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", PYTHONWARNINGS="ignore")
     # Sphinx never deletes outputs of pages that left the book: start the HTML afresh.
     shutil.rmtree(os.path.join(STAGING, "_build", "html"), ignore_errors=True)
