@@ -195,7 +195,8 @@ class RollbackBase:
         value = float(loss)
         due = self.step % self.every == 0
         history = self.spike.state_dict() if due else None  # the detector as it was before this step
-        if self.spike.step(value) if grad_norm is None else self.spike.step(float(grad_norm), value):
+        spiked = self.spike.step(value) if grad_norm is None else self.spike.step(float(grad_norm), value)
+        if spiked:
             if self._checkpoint is None:  # a non-finite first loss: nothing to go back to
                 return False
             if len(self.rollbacks) >= self.max_rollbacks:
