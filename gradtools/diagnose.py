@@ -19,6 +19,7 @@ import numpy as np
 
 from gradtools import _checks
 from gradtools.guard import TooManySkipsError
+from gradtools.optim import check_run
 from gradtools.policies import SpikeDetector
 
 __all__ = ["RunTrace", "RollbackBase", "spike_flags", "unigram_entropy"]
@@ -31,6 +32,14 @@ def check_batches(x, y):
         raise ValueError(f"x and y must be integer arrays of one shape (steps, batch, length), got {x.dtype} "
                          f"{x.shape} and {y.dtype} {y.shape}")
     return x, y
+
+
+def check_spike(steps: int, spike_at, spike_factor):
+    """``(steps, spike_at, spike_factor)`` of ``train_lm``, checked: the spiked batch must be one of the ``steps``."""
+    steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)
+    if spike_at is not None and spike_at >= steps:
+        raise ValueError(f"spike_at must be the index of one of the {steps} batches, got {spike_at}")
+    return steps, spike_at, spike_factor
 
 
 def spike_flags(values, window: int = 50, z_thresh: float = 6.0, min_history: int = 10,
@@ -65,8 +74,7 @@ def unigram_entropy(ids) -> float:
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"ids must be a non-empty 1-d array of integer token ids, got shape {ids.shape}")
-    p = np.bincount(ids - ids.min()) / ids.size
-    p = p[p > 0]
+    p = np.unique(ids, return_counts=True)[1] / ids.size
     return float(-(p * np.log(p)).sum())
 
 

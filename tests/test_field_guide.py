@@ -298,3 +298,80 @@ def test_train_lm_tracks_a_model_built_on_multihead_attention():
     assert trace.attention_logits.shape == (3, 1) and np.all(trace.attention_logits > 0)
     assert list(trace.group_norms) == [name for name, _ in model.named_parameters()]
     assert not model.attn._forward_pre_hooks  # the tracker's hook is gone
+
+
+def test_train_lm_clips_like_the_keras_twin():
+    """clip= really clips (a tiny threshold changes the run), and both frameworks clip the same."""
+    runs = {}
+    for clip in (None, 1e-3):
+        tm, km = gt.transformer(WEIGHTS), gk.transformer(WEIGHTS)
+        t = gt.train_lm(tm, torch.optim.SGD(tm.parameters(), lr=0.5), X[:4], Y[:4], clip=clip)
+        k = gk.train_lm(km, keras.optimizers.SGD(0.5), X[:4], Y[:4], clip=clip)
+        np.testing.assert_allclose(t.losses, k.losses, rtol=1e-4)
+        runs[clip] = (t, [p.detach().numpy().copy() for p in tm.parameters()])
+    moved = runs[1e-3][0].update_ratios
+    assert all(moved[g][0] < 1e-2 * runs[None][0].update_ratios[g][0] for g in moved)
+    assert not np.allclose(runs[None][1][0], runs[1e-3][1][0])
+
+
+def test_train_lm_refuses_a_rollback_guard_or_scheduler_of_another_run():
+    model, other = gt.transformer(WEIGHTS), gt.transformer(WEIGHTS)
+    opt, other_opt = torch.optim.Adam(model.parameters()), torch.optim.Adam(other.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5)
+    with pytest.raises(ValueError, match="rollback must restore this run's model, optimizer and scheduler"):
+        gt.train_lm(model, opt, X, Y, rollback=gt.Rollback(other, other_opt))
+    with pytest.raises(ValueError, match="rollback must restore"):
+        gt.train_lm(model, opt, X, Y, scheduler=sched, rollback=gt.Rollback(model, opt))
+    with pytest.raises(ValueError, match="guard must step this optimizer"):
+        gt.train_lm(model, opt, X, Y, guard=gt.GradGuard(other, other_opt))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="scheduler must be a learning-rate scheduler"):
+        gt.train_lm(model, opt, X, Y, scheduler="warmup")
+    with pytest.raises(ValueError, match="spike_at must be the index of one of the 12 batches, got 12"):
+        gt.train_lm(model, opt, X, Y, spike_at=12)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any step
+    km, ko = gk.transformer(WEIGHTS), keras.optimizers.Adam()
+    with pytest.raises(ValueError, match="rollback must restore this run's model and optimizer"):
+        gk.train_lm(km, ko, X, Y, rollback=gk.Rollback(km, keras.optimizers.Adam()))
+    with pytest.raises(ValueError, match="spike_at must be the index"):
+        gk.train_lm(km, ko, X, Y, spike_at=100)
+
+
+def test_unigram_entropy_of_large_ids():
+    assert diagnose.unigram_entropy(np.array([10**12, 5, 10**12, 5])) == pytest.approx(math.log(2))
+
+
+def test_torch_attention_logits_unbatched_with_key_padding_and_refusals():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2)
+    tracker = gt.AttentionLogits(mha)
+    q = torch.randn(5, 8)
+    padding = torch.tensor([False, False, False, True, True])
+    mha(q, q, q, key_padding_mask=padding)
+    w, b = mha.in_proj_weight.detach().numpy(), mha.in_proj_bias.detach().numpy()
+    qq, kk = (q.numpy()[None] @ w[i * 8:(i + 1) * 8].T + b[i * 8:(i + 1) * 8] for i in (0, 1))
+    allowed = np.tile([True, True, True, False, False], (5, 1))
+    assert float(tracker.values()[0]) == pytest.approx(_numpy_max_logit(qq, kk, 2, allowed), rel=1e-5)
+    tracker.remove()
+    bad = torch.nn.ModuleList([torch.nn.MultiheadAttention(8, 2), torch.nn.MultiheadAttention(8, 2, add_bias_kv=True)])
+    with pytest.raises(ValueError, match="model.1: MultiheadAttention with bias_k"):
+        gt.AttentionLogits(bad)
+    assert not bad[0]._forward_pre_hooks  # nothing installed on the first layer either
+
+
+def test_keras_trackers_stack_and_refuse_several_attention_axes():
+    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    h = (3 * np.random.default_rng(1).standard_normal((2, 5, 8))).astype("float32")
+    mha(h, h)
+    first, second = gk.AttentionLogits(mha), gk.AttentionLogits(mha)
+    mha(h, h)
+    value = float(first.values()[0])
+    assert value > 0 and float(second.values()[0]) == value
+    second.remove()
+    mha(h[:1], h[:1])
+    assert float(first.values()[0]) != value  # the first tracker still records
+    first.remove()
+    assert "_compute_attention" not in vars(mha)
+    axes = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1, 2))
+    with pytest.raises(ValueError, match=r"not attention_axes=\(1, 2\)"):
+        gk.AttentionLogits(axes)

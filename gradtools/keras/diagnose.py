@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradtools import _checks
-from gradtools.diagnose import RollbackBase, RunTrace, check_batches
-from gradtools.optim import check_run
+from gradtools.diagnose import RollbackBase, RunTrace, check_batches, check_spike
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -25,6 +24,8 @@ from gradtools.keras.transformer import CausalSelfAttention  # noqa: E402
 from gradtools.keras.transformer import z_loss as _z_loss  # noqa: E402
 
 __all__ = ["AttentionLogits", "Rollback", "train_lm"]
+
+_SINKS = "_gradtools_max_logit_sinks"  # on a wrapped MultiHeadAttention: the variables its max logit goes to
 
 
 def _mha_max_logit(layer, query, key, attention_mask, use_causal_mask):
@@ -53,8 +54,10 @@ class AttentionLogits:
     customise attention) it wraps to record the maximum of the scaled query-key
     products, with the layer's attention and causal masks. Create the tracker
     before the model's training step is first traced (a traced ``fit()`` or
-    ``tf.function`` keeps the unwrapped call); :meth:`remove` unwraps. Works
-    eagerly, in ``tf.function`` and inside ``fit()``; a layer not yet called reads 0.
+    ``tf.function`` keeps the unwrapped call); :meth:`remove` unwraps. Several
+    trackers on one layer share one wrapper. Works eagerly, in ``tf.function``
+    and inside ``fit()``; a layer not yet called reads 0. Attention over more
+    than one axis (``attention_axes`` of length 2 or more) is refused.
 
     Args:
         model (keras.Model or keras.layers.Layer): any model holding such layers.
@@ -73,28 +76,45 @@ class AttentionLogits:
     def __init__(self, model):
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(f"model must be a keras.Model or layer, got {type(model).__name__}")
+        found = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+                 if isinstance(layer, (CausalSelfAttention, keras.layers.MultiHeadAttention))]
+        for layer in found:  # every layer checked before any is wrapped
+            axes = getattr(layer, "_attention_axes", None)
+            if isinstance(layer, keras.layers.MultiHeadAttention) and axes is not None and len(axes) != 1:
+                raise ValueError(f"{layer.name}: AttentionLogits supports MultiHeadAttention over one attention "
+                                 f"axis (inputs (batch, length, features)), not attention_axes={tuple(axes)}")
         self.names, self._values, self._wrapped = [], [], []
-        for layer in model._flatten_layers(include_self=True, recursive=True):
+        for layer in found:
             if isinstance(layer, CausalSelfAttention):
-                self.names.append(layer.path if hasattr(layer, "path") else layer.name)
                 self._values.append(layer)
-            elif isinstance(layer, keras.layers.MultiHeadAttention):
-                value = tf.Variable(0.0, trainable=False, name="max_logit")
-                self.names.append(layer.name)
-                self._values.append(value)
-                self._wrap(layer, value)
+            else:
+                self._values.append(tf.Variable(0.0, trainable=False, name="max_logit"))
+                self._wrap(layer, self._values[-1])
+            self.names.append(layer.path or layer.name)
 
-    def _wrap(self, layer, value):
-        original = layer._compute_attention
+    def _wrap(self, layer, variable):
+        sinks = layer.__dict__.get(_SINKS)
+        if sinks is None:  # one wrapper per layer, shared by every tracker on it
+            sinks = []
+            original = layer._compute_attention
 
-        def compute_attention(query, key, value_, attention_mask=None, training=None, return_attention_scores=False,
-                              use_causal_mask=False):
-            value.assign(_mha_max_logit(layer, query, key, attention_mask, use_causal_mask))
-            return original(query, key, value_, attention_mask=attention_mask, training=training,
-                            return_attention_scores=return_attention_scores, use_causal_mask=use_causal_mask)
+            def compute_attention(query, key, value, attention_mask=None, training=None,
+                                  return_attention_scores=False, use_causal_mask=False):
+                if len(query.shape) != 4:
+                    raise ValueError(f"{layer.name}: AttentionLogits supports MultiHeadAttention over one attention "
+                                     f"axis (inputs (batch, length, features)); the projected query has shape "
+                                     f"{tuple(query.shape)}")
+                if sinks:
+                    top = _mha_max_logit(layer, query, key, attention_mask, use_causal_mask)
+                    for sink in list(sinks):
+                        sink.assign(top)
+                return original(query, key, value, attention_mask=attention_mask, training=training,
+                                return_attention_scores=return_attention_scores, use_causal_mask=use_causal_mask)
 
-        object.__setattr__(layer, "_compute_attention", compute_attention)
-        self._wrapped.append(layer)
+            object.__setattr__(layer, "_compute_attention", compute_attention)
+            object.__setattr__(layer, _SINKS, sinks)
+        sinks.append(variable)
+        self._wrapped.append((layer, variable))
 
     def values(self):
         """Each layer's largest logit in its last call, a 1-d tensor in the order of ``names``."""
@@ -104,9 +124,15 @@ class AttentionLogits:
                          for v in self._values])
 
     def remove(self) -> None:
-        """Give the wrapped layers back their own ``_compute_attention``."""
-        for layer in self._wrapped:
-            object.__delattr__(layer, "_compute_attention")
+        """Stop recording; a layer no other tracker records gets its own ``_compute_attention`` back."""
+        for layer, variable in self._wrapped:
+            sinks = layer.__dict__.get(_SINKS)
+            if sinks is None:
+                continue
+            sinks[:] = [s for s in sinks if s is not variable]
+            if not sinks:
+                object.__delattr__(layer, "_compute_attention")
+                object.__delattr__(layer, _SINKS)
         self._wrapped = []
 
 
@@ -195,8 +221,11 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
                          f"policy itself (GradGuard(clipper=...)); got clip={clip!r}")
     if rollback is not None and not isinstance(rollback, Rollback):
         raise TypeError(f"rollback must be a gradtools.keras.Rollback or None, got {type(rollback).__name__}")
+    if rollback is not None and (rollback.model is not model or rollback.optimizer is not optimizer):
+        raise ValueError("rollback must restore this run's model and optimizer: build it as "
+                         "Rollback(model, optimizer) with the objects passed to train_lm")
     x, y = check_batches(x, y)
-    _, spike_at, spike_factor = check_run(len(x), spike_at, spike_factor)
+    _, spike_at, spike_factor = check_spike(len(x), spike_at, spike_factor)
     clipper = None if clip is None else Clipper(clip)
     groups = _groups(model)
     variables = [v for vs in groups.values() for v in vs]

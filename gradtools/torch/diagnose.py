@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from gradtools import _checks
-from gradtools.diagnose import RollbackBase, RunTrace, check_batches
-from gradtools.optim import check_run
+from gradtools.diagnose import RollbackBase, RunTrace, check_batches, check_spike
 from gradtools.torch import _checks as _tchecks
 from gradtools.torch.clip import Clipper
 from gradtools.torch.guard import GradGuard
@@ -60,7 +59,7 @@ def _mha_max_logit(mha: torch.nn.MultiheadAttention, bound) -> torch.Tensor:
         logits = logits.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
     padding = bound.arguments.get("key_padding_mask")
     if padding is not None:
-        padding = padding[:, None, None, :]
+        padding = padding.reshape(-1, 1, 1, padding.shape[-1])  # (batch, 1, 1, S); unbatched: batch 1
         logits = logits.masked_fill(padding, float("-inf")) if padding.dtype == torch.bool else logits + padding
     return logits.amax()
 
@@ -93,18 +92,17 @@ class AttentionLogits:
 
     def __init__(self, model):
         _tchecks.module("model", model)
-        self.names, self._layers, self._hooks, self._last = [], [], [], {}
-        for name, module in model.named_modules():
-            if isinstance(module, CausalSelfAttention):
-                self.names.append(name)
-                self._layers.append(module)
-            elif isinstance(module, torch.nn.MultiheadAttention):
-                if module.bias_k is not None or module.add_zero_attn:
-                    raise ValueError(f"model.{name}: MultiheadAttention with bias_k or add_zero_attn is not "
-                                     "supported by AttentionLogits")
-                self.names.append(name)
-                self._layers.append(module)
-                self._hooks.append(module.register_forward_pre_hook(self._hook(module), with_kwargs=True))
+        found = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, (CausalSelfAttention, torch.nn.MultiheadAttention))]
+        for name, module in found:  # every layer checked before any hook is installed
+            if isinstance(module, torch.nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
+                raise ValueError(f"model.{name}: MultiheadAttention with bias_k or add_zero_attn is not "
+                                 "supported by AttentionLogits")
+        self.names = [name for name, _ in found]
+        self._layers = [module for _, module in found]
+        self._last = {}
+        self._hooks = [m.register_forward_pre_hook(self._hook(m), with_kwargs=True) for m in self._layers
+                       if isinstance(m, torch.nn.MultiheadAttention)]
 
     def _hook(self, module):
         signature = inspect.signature(module.forward)
@@ -218,9 +216,9 @@ def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 
         clip: a global-norm clipping policy for a :class:`gradtools.torch.Clipper`
             (a threshold, ``"zclip"``, a policy); with ``guard`` give the guard the clipper.
         z_loss (float): weight of the z-loss term, default 0 (PaLM used 1e-4).
-        guard (GradGuard or None): steps through ``guard.step()``, which skips
+        guard (gradtools.torch.GradGuard or None): steps through ``guard.step()``, which skips
             non-finite and spiking steps (OLMo-core's skip-step).
-        rollback (Rollback or None): checks each loss and global gradient norm and
+        rollback (gradtools.torch.Rollback or None): checks each loss and global gradient norm and
             rolls back on a spike of either.
         spike_at (int or None): the batch (index into ``x``) whose gradient is
             multiplied by ``spike_factor`` (default 1000), a stand-in for one bad batch.
@@ -232,14 +230,22 @@ def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 
     _tchecks.module("model", model)
     _tchecks.optimizer("optimizer", optimizer, closure=False)
     z_loss = _checks.non_negative("z_loss", z_loss)
+    if scheduler is not None and not (callable(getattr(scheduler, "step", None)) and hasattr(scheduler, "state_dict")):
+        raise TypeError(f"scheduler must be a learning-rate scheduler (step(), state_dict()) or None, got {scheduler!r}")
     if guard is not None and not isinstance(guard, GradGuard):
         raise TypeError(f"guard must be a gradtools.torch.GradGuard or None, got {type(guard).__name__}")
+    if guard is not None and guard.optimizer is not optimizer:
+        raise ValueError("guard must step this optimizer: build it as GradGuard(model, optimizer, ...)")
     if guard is not None and clip is not None:
         raise ValueError(f"give the clipping policy to the guard (GradGuard(clipper=...)), not clip={clip!r}")
     if rollback is not None and not isinstance(rollback, Rollback):
         raise TypeError(f"rollback must be a gradtools.torch.Rollback or None, got {type(rollback).__name__}")
+    if rollback is not None and (rollback.model is not model or rollback.optimizer is not optimizer
+                                 or rollback.scheduler is not scheduler):
+        raise ValueError("rollback must restore this run's model, optimizer and scheduler: build it as "
+                         "Rollback(model, optimizer, scheduler) with the objects passed to train_lm")
     x, y = check_batches(x, y)
-    _, spike_at, spike_factor = check_run(len(x), spike_at, spike_factor)
+    _, spike_at, spike_factor = check_spike(len(x), spike_at, spike_factor)
     clipper = None if clip is None else Clipper(clip)
     groups = _groups(model)
     params = [p for ps in groups.values() for p in ps]
@@ -272,7 +278,7 @@ def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 
                 stepped = guard.step().stepped
             else:
                 if clipper is not None:
-                    clipper(grads)
+                    clipper(params)
                 optimizer.step()
                 stepped = True
             if stepped and scheduler is not None:
