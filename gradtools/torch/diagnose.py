@@ -98,7 +98,7 @@ class AttentionLogits:
             if isinstance(module, torch.nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
                 raise ValueError(f"model.{name}: MultiheadAttention with bias_k or add_zero_attn is not "
                                  "supported by AttentionLogits")
-        self.names = [name for name, _ in found]
+        self.names = [name or type(module).__name__ for name, module in found]  # the root module has no path
         self._layers = [module for _, module in found]
         self._last = {}
         self._hooks = [m.register_forward_pre_hook(self._hook(m), with_kwargs=True) for m in self._layers
