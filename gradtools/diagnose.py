@@ -34,6 +34,37 @@ def check_batches(x, y):
     return x, y
 
 
+def check_train_lm(model, optimizer, x, y, *, z_loss, clip, guard, guard_type, rollback, rollback_type,
+                   spike_at, spike_factor, scheduler=None):
+    """The remedy arguments of the backends' ``train_lm``, checked before any step.
+
+    ``guard_type`` and ``rollback_type`` are the backend's ``GradGuard`` and
+    ``Rollback``; a guard must step ``optimizer`` and hold any clipping policy
+    itself, and a rollback must restore this run's model, optimizer and
+    scheduler. Returns ``(x, y, z_loss, spike_at, spike_factor)``.
+    """
+    z_loss = _checks.non_negative("z_loss", z_loss)
+    if guard is not None:
+        if not isinstance(guard, guard_type):
+            raise TypeError(f"guard must be a {guard_type.__module__.rsplit('.', 1)[0]}.GradGuard or None, "
+                            f"got {type(guard).__name__}")
+        if guard.optimizer is not optimizer:
+            raise ValueError("guard must step this optimizer: build it on the optimizer passed to train_lm")
+        if clip is not None:
+            raise ValueError(f"give the clipping policy to the guard (GradGuard(clipper=...)), not clip={clip!r}")
+    if rollback is not None:
+        if not isinstance(rollback, rollback_type):
+            raise TypeError(f"rollback must be a {rollback_type.__module__.rsplit('.', 1)[0]}.Rollback or None, "
+                            f"got {type(rollback).__name__}")
+        if (rollback.model is not model or rollback.optimizer is not optimizer
+                or getattr(rollback, "scheduler", None) is not scheduler):
+            raise ValueError("rollback must restore this run's model, optimizer and scheduler: build it on the "
+                             "objects passed to train_lm")
+    x, y = check_batches(x, y)
+    _, spike_at, spike_factor = check_spike(len(x), spike_at, spike_factor)
+    return x, y, z_loss, spike_at, spike_factor
+
+
 def check_spike(steps: int, spike_at, spike_factor):
     """``(steps, spike_at, spike_factor)`` of ``train_lm``, checked: the spiked batch must be one of the ``steps``."""
     steps, spike_at, spike_factor = check_run(steps, spike_at, spike_factor)

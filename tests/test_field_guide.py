@@ -209,6 +209,11 @@ def test_train_lm_argument_errors():
         gk.train_lm(km, opt, X, Y)
     with pytest.raises(ValueError, match="guard must step this optimizer"):
         gk.train_lm(km, keras.optimizers.Adam(), X, Y, guard=gk.GradGuard(keras.optimizers.Adam()))
+    ko = keras.optimizers.Adam()
+    with pytest.raises(ValueError, match="give the clipping policy to the guard"):
+        gk.train_lm(km, ko, X, Y, clip=1.0, guard=gk.GradGuard(ko))
+    with pytest.raises(TypeError, match="guard must be a gradtools.keras.GradGuard or None, got GradGuard"):
+        gk.train_lm(km, ko, X, Y, guard=gt.GradGuard(model, opt))
 
 
 def test_run_trace_verdicts_and_spike_flags():
@@ -331,7 +336,7 @@ def test_train_lm_refuses_a_rollback_guard_or_scheduler_of_another_run():
         gt.train_lm(model, opt, X, Y, spike_at=12)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any step
     km, ko = gk.transformer(WEIGHTS), keras.optimizers.Adam()
-    with pytest.raises(ValueError, match="rollback must restore this run's model and optimizer"):
+    with pytest.raises(ValueError, match="rollback must restore this run's model, optimizer and scheduler"):
         gk.train_lm(km, ko, X, Y, rollback=gk.Rollback(km, keras.optimizers.Adam()))
     with pytest.raises(ValueError, match="spike_at must be the index"):
         gk.train_lm(km, ko, X, Y, spike_at=100)
@@ -368,8 +373,8 @@ def test_keras_trackers_stack_and_refuse_several_attention_axes():
     value = float(first.values()[0])
     assert value > 0 and float(second.values()[0]) == value
     second.remove()
-    mha(h[:1], h[:1])
-    assert float(first.values()[0]) != value  # the first tracker still records
+    mha(2 * h, 2 * h)  # zero biases: every logit scales by 4
+    assert float(first.values()[0]) == pytest.approx(4 * value, rel=1e-5)  # the first tracker still records
     first.remove()
     assert "_compute_attention" not in vars(mha)
     axes = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1, 2))

@@ -38,15 +38,21 @@ def chapters(root: str = ROOT) -> list[str]:
 
 
 def claims_of(path: str, root: str = ROOT) -> tuple[str, list[dict]]:
-    """``(chapter title, rows)``: the rows of the chapter's claims table as dicts of its columns."""
+    """``(chapter title, rows)``: the rows of the chapter's claims table as dicts of its columns.
+
+    A chapter whose claims table has no stored output yet gives no rows, so that a
+    build can still execute it; ``tests/test_claims_index.py`` requires rows.
+    """
     with open(os.path.join(root, path), encoding="utf-8") as f:
         nb = json.load(f)
     title = "".join(nb["cells"][0]["source"]).splitlines()[0].lstrip("# ").strip()
     tables = [o["data"]["text/markdown"] for c in nb["cells"] if c["cell_type"] == "code"
               and "claims_table(" in "".join(c["source"]) for o in c.get("outputs", [])
               if "text/markdown" in o.get("data", {})]
-    if len(tables) != 1:
+    if len(tables) > 1:
         raise ValueError(f"{path}: expected one executed claims table, found {len(tables)}")
+    if not tables:  # not executed yet (the test suite requires one per chapter)
+        return title, []
     lines = [line for line in "".join(tables[0]).splitlines() if line.startswith("|")]
     header = [h.strip() for h in _PIPE.split(lines[0].strip("|"))]
     rows = []
@@ -123,8 +129,10 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=ROOT)
     parser.add_argument("--check", action="store_true", help="fail if the committed page is out of date")
     args = parser.parse_args(argv)
-    text = render(args.root)
     path = os.path.join(args.root, OUT)
+    if not os.path.isdir(os.path.dirname(path)):  # a book without the appendix
+        return 0
+    text = render(args.root)
     current = open(path, encoding="utf-8").read() if os.path.exists(path) else None
     if args.check:
         if current != text:

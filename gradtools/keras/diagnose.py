@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradtools import _checks
-from gradtools.diagnose import RollbackBase, RunTrace, check_batches, check_spike
+from gradtools.diagnose import RollbackBase, RunTrace, check_train_lm
 from gradtools.runtime import import_keras
 
 keras = import_keras()
@@ -213,19 +212,9 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
     _check_optimizer(optimizer)
-    z_loss = _checks.non_negative("z_loss", z_loss)
-    if guard is not None and not isinstance(guard, GradGuard):
-        raise TypeError(f"guard must be a gradtools.keras.GradGuard or None, got {type(guard).__name__}")
-    if guard is not None and (clip is not None or guard.optimizer is not optimizer):
-        raise ValueError("guard must step this optimizer (GradGuard(optimizer, ...)) and hold any clipping "
-                         f"policy itself (GradGuard(clipper=...)); got clip={clip!r}")
-    if rollback is not None and not isinstance(rollback, Rollback):
-        raise TypeError(f"rollback must be a gradtools.keras.Rollback or None, got {type(rollback).__name__}")
-    if rollback is not None and (rollback.model is not model or rollback.optimizer is not optimizer):
-        raise ValueError("rollback must restore this run's model and optimizer: build it as "
-                         "Rollback(model, optimizer) with the objects passed to train_lm")
-    x, y = check_batches(x, y)
-    _, spike_at, spike_factor = check_spike(len(x), spike_at, spike_factor)
+    x, y, z_loss, spike_at, spike_factor = check_train_lm(
+        model, optimizer, x, y, z_loss=z_loss, clip=clip, guard=guard, guard_type=GradGuard, rollback=rollback,
+        rollback_type=Rollback, spike_at=spike_at, spike_factor=spike_factor)
     clipper = None if clip is None else Clipper(clip)
     groups = _groups(model)
     variables = [v for vs in groups.values() for v in vs]

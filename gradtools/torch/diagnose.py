@@ -17,8 +17,7 @@ import math
 import numpy as np
 import torch
 
-from gradtools import _checks
-from gradtools.diagnose import RollbackBase, RunTrace, check_batches, check_spike
+from gradtools.diagnose import RollbackBase, RunTrace, check_train_lm
 from gradtools.torch import _checks as _tchecks
 from gradtools.torch.clip import Clipper
 from gradtools.torch.guard import GradGuard
@@ -229,23 +228,11 @@ def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 
     """
     _tchecks.module("model", model)
     _tchecks.optimizer("optimizer", optimizer, closure=False)
-    z_loss = _checks.non_negative("z_loss", z_loss)
     if scheduler is not None and not (callable(getattr(scheduler, "step", None)) and hasattr(scheduler, "state_dict")):
         raise TypeError(f"scheduler must be a learning-rate scheduler (step(), state_dict()) or None, got {scheduler!r}")
-    if guard is not None and not isinstance(guard, GradGuard):
-        raise TypeError(f"guard must be a gradtools.torch.GradGuard or None, got {type(guard).__name__}")
-    if guard is not None and guard.optimizer is not optimizer:
-        raise ValueError("guard must step this optimizer: build it as GradGuard(model, optimizer, ...)")
-    if guard is not None and clip is not None:
-        raise ValueError(f"give the clipping policy to the guard (GradGuard(clipper=...)), not clip={clip!r}")
-    if rollback is not None and not isinstance(rollback, Rollback):
-        raise TypeError(f"rollback must be a gradtools.torch.Rollback or None, got {type(rollback).__name__}")
-    if rollback is not None and (rollback.model is not model or rollback.optimizer is not optimizer
-                                 or rollback.scheduler is not scheduler):
-        raise ValueError("rollback must restore this run's model, optimizer and scheduler: build it as "
-                         "Rollback(model, optimizer, scheduler) with the objects passed to train_lm")
-    x, y = check_batches(x, y)
-    _, spike_at, spike_factor = check_spike(len(x), spike_at, spike_factor)
+    x, y, z_loss, spike_at, spike_factor = check_train_lm(
+        model, optimizer, x, y, z_loss=z_loss, clip=clip, guard=guard, guard_type=GradGuard, rollback=rollback,
+        rollback_type=Rollback, spike_at=spike_at, spike_factor=spike_factor, scheduler=scheduler)
     clipper = None if clip is None else Clipper(clip)
     groups = _groups(model)
     params = [p for ps in groups.values() for p in ps]
