@@ -182,9 +182,9 @@ class RollbackBase:
     particular combination of batches and model state, not from bad data alone.
 
     A checkpoint is taken before every ``every``-th accepted step. :meth:`check`
-    reads each step's loss before the update; a non-finite loss or a spike
-    (``spike``, a :class:`~gradtools.policies.SpikeDetector` over the losses)
-    restores the last checkpoint, weights, optimizer and the detector's own
+    reads each step's loss (and, if given, its global gradient norm) before the
+    update; a non-finite value or a spike (``spike``, a
+    :class:`~gradtools.policies.SpikeDetector` over their histories) restores the last checkpoint, weights, optimizer and the detector's own
     history, and moves the data on by ``skip_batches``: the batches between the
     checkpoint and the spike are undone, and the spike's batch and the
     ``skip_batches - 1`` after it are never seen. More than ``max_rollbacks``

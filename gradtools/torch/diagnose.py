@@ -132,8 +132,9 @@ class Rollback(RollbackBase):
     """Roll ``model``, ``optimizer`` (and ``scheduler``) back to a checkpoint on a loss spike.
 
     The logic is :class:`gradtools.diagnose.RollbackBase`'s: a checkpoint before
-    every ``every``-th accepted step, and on a spike of the loss (or a
-    non-finite loss) a restore and a jump of ``skip_batches`` in the data.
+    every ``every``-th accepted step, and on a spike of the loss or of the
+    gradient norm given to :meth:`check` (or a non-finite one) a restore and a
+    jump of ``skip_batches`` in the data.
     Checkpoints are copies in memory; ``state_dict()`` of each object, cloned.
 
     Args:
@@ -141,7 +142,7 @@ class Rollback(RollbackBase):
         scheduler (LRScheduler or None): restored too, so the rate goes back with the step.
         every (int): accepted steps between checkpoints, default 25.
         skip_batches (int): batches skipped from the spike on, default 10.
-        spike (SpikeDetector or None): the loss-spike test, default
+        spike (SpikeDetector or None): the spike test, default
             ``SpikeDetector(window=50, z_thresh=6)``.
         max_rollbacks (int): more raise ``TooManySkipsError``, default 5.
 
