@@ -201,9 +201,10 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
         x, y: int arrays (steps, batch, length), e.g. from :func:`gradtools.data.lm_batches`.
         clip: a global-norm clipping policy for a :class:`gradtools.keras.Clipper`.
         z_loss (float): weight of :func:`gradtools.keras.z_loss`, default 0.
-        guard (GradGuard or None): a ``gradtools.keras.GradGuard`` on ``optimizer``
-            that skips non-finite and spiking steps.
-        rollback (Rollback or None): rolls back on a spike of the loss or the norm.
+        guard (gradtools.keras.GradGuard or None): a guard on ``optimizer`` that
+            skips non-finite and spiking steps.
+        rollback (gradtools.keras.Rollback or None): rolls back on a spike of the
+            loss or the norm.
         spike_at (int or None): the batch whose gradient is multiplied by ``spike_factor``.
 
     Returns:
