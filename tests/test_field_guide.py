@@ -101,6 +101,7 @@ def test_train_lm_agrees_across_frameworks():
         # Keras folds Adam's bias correction into the rate, so its epsilon weighs differently on tiny entries
         np.testing.assert_allclose(tt.update_ratios[name], kt.update_ratios[name], rtol=5e-2)
     np.testing.assert_allclose(tt.attention_logits, kt.attention_logits, atol=1e-3)
+    np.testing.assert_allclose(tt.lrs, kt.lrs, rtol=1e-6)
     assert tt.attention_logits.shape == (12, 2) and not tt.skipped.any() and tt.rollbacks == []
     assert tt.losses[-1] < tt.losses[0]
 
@@ -189,6 +190,9 @@ def test_rollback_logic_and_errors():
         Counter(spike="zclip")
     with pytest.raises(ValueError, match="skip_batches"):
         gt.Rollback(torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1), skip_batches=0)
+    with pytest.raises(TypeError, match="scheduler must be a learning-rate scheduler .* got 'warmup'"):
+        gt.Rollback(torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1),
+                    scheduler="warmup")
 
 
 def test_train_lm_argument_errors():

@@ -253,7 +253,7 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
             factor = tf.constant(spike_factor if i == spike_at else 1.0)
             loss, grads, norms, attention = gradients(tf.constant(x[i]), tf.constant(y[i]), factor)
             total = tf.norm(norms)
-            lr = float(optimizer.learning_rate)
+            lr = tf.identity(optimizer.learning_rate)  # read with the rest after the run: no host sync per step
             before = [tf.identity(v) for v in variables]
             if rollback is not None and not rollback.check(loss, total):
                 stepped = False
@@ -277,5 +277,5 @@ def train_lm(model, optimizer, x, y, clip=None, z_loss: float = 0.0, guard=None,
         group_norms={n: norms[:, j] for j, n in enumerate(names)},
         update_ratios={n: ratios_[:, j] for j, n in enumerate(names)},
         attention_logits=np.stack([a.numpy() for a in attention]).reshape(len(rows), -1),
-        lrs=np.array(lrs, dtype=np.float64), skipped=np.array(skipped, dtype=bool),
+        lrs=np.array([float(v) for v in lrs], dtype=np.float64), skipped=np.array(skipped, dtype=bool),
         rollbacks=[] if rollback is None else list(rollback.rollbacks))

@@ -28,3 +28,11 @@ def optimizer(name: str, value, closure: bool = True) -> torch.optim.Optimizer:
                 f"{name} {type(value).__name__} takes a closure: its step() evaluates the loss and gradients "
                 "again, after they were checked. Use an optimizer whose step() needs no closure")
     return value
+
+
+def scheduler(name: str, value):
+    """A learning-rate scheduler or None: anything with ``step()`` and ``state_dict()``
+    (``LRScheduler``, ``ReduceLROnPlateau``, :class:`gradtools.torch.Warmup`)."""
+    if value is not None and not (callable(getattr(value, "step", None)) and hasattr(value, "state_dict")):
+        raise TypeError(f"{name} must be a learning-rate scheduler (step(), state_dict()) or None, got {value!r}")
+    return value

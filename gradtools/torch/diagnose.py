@@ -165,8 +165,7 @@ class Rollback(RollbackBase):
                  max_rollbacks: int = 5):
         _tchecks.module("model", model)
         _tchecks.optimizer("optimizer", optimizer, closure=False)
-        if scheduler is not None and not hasattr(scheduler, "state_dict"):
-            raise TypeError(f"scheduler must be a learning-rate scheduler or None, got {type(scheduler).__name__}")
+        _tchecks.scheduler("scheduler", scheduler)
         super().__init__(every=every, skip_batches=skip_batches, spike=spike, max_rollbacks=max_rollbacks)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
@@ -229,8 +228,7 @@ def train_lm(model, optimizer, x, y, scheduler=None, clip=None, z_loss: float = 
     """
     _tchecks.module("model", model)
     _tchecks.optimizer("optimizer", optimizer, closure=False)
-    if scheduler is not None and not (callable(getattr(scheduler, "step", None)) and hasattr(scheduler, "state_dict")):
-        raise TypeError(f"scheduler must be a learning-rate scheduler (step(), state_dict()) or None, got {scheduler!r}")
+    _tchecks.scheduler("scheduler", scheduler)
     x, y, z_loss, spike_at, spike_factor = check_train_lm(
         model, optimizer, x, y, z_loss=z_loss, clip=clip, guard=guard, guard_type=GradGuard, rollback=rollback,
         rollback_type=Rollback, spike_at=spike_at, spike_factor=spike_factor, scheduler=scheduler)
