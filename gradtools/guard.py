@@ -8,13 +8,17 @@ skipped step never enters the policy's history.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
-from gradtools import _checks
-from gradtools.policies import SpikeDetector, get_policy
+import numpy as np
 
-__all__ = ["StepDecider", "Decision", "GuardBase", "NonFiniteGradientError", "TooManySkipsError", "ACTIONS"]
+from gradtools import _checks
+from gradtools._ops import NUMPY, select
+from gradtools.policies import SpikeDetector, Stateful, get_policy
+
+__all__ = ["StepDecider", "Decision", "REASONS", "GuardBase", "NonFiniteGradientError", "TooManySkipsError", "ACTIONS"]
 
 ACTIONS = {"skip", "raise", "zero"}
 
@@ -30,12 +34,23 @@ class TooManySkipsError(RuntimeError):
 @dataclass
 class Decision:
     proceed: bool
-    reason: str  # "ok", "zeroed", "nonfinite", "spike"
+    reason: str  # "ok", "zeroed", "nonfinite", "spike", "overflow"; "zero" asks the caller to zero
     threshold: float  # clip threshold for this step (inf: do not clip)
 
 
-class StepDecider:
+#: The reasons, indexed by the code :meth:`StepDecider.decide_arrays` returns.
+REASONS = ("ok", "zeroed", "nonfinite", "spike", "overflow")
+OK, ZEROED, NONFINITE, SPIKE, OVERFLOW = range(5)
+
+
+class StepDecider(Stateful):
     """Decide, from a step's gradient statistics, whether to take the step.
+
+    The decision is :meth:`decide_arrays`, written once over the operations of an
+    ``xp`` namespace (:mod:`gradtools._ops`): with NumPy on the host (``decide``,
+    what ``gradtools.keras`` calls), with PyTorch on the gradients' device (what
+    ``gradtools.torch.GradGuard`` calls, reading nothing back). The counters, the
+    spike detector's window and the policy's state all live as arrays there.
 
     Args:
         action (str): on a non-finite gradient: ``"skip"``, ``"raise"`` or
@@ -55,35 +70,108 @@ class StepDecider:
         self.max_consecutive_skips = _checks.integer("max_consecutive_skips", max_consecutive_skips, minimum=1)
         self.policy = None if policy is None else get_policy(policy)
         self.kind = kind
-        self.steps = 0
-        self.skipped = 0
-        self.consecutive_skips = 0
+        super().__init__()
 
-    def _skip(self, reason: str) -> Decision:
-        self.skipped += 1
-        self.consecutive_skips += 1
-        if self.consecutive_skips >= self.max_consecutive_skips:
+    def init_state(self, xp) -> dict:
+        zero = xp.asarray(0, xp.int)
+        return {"steps": zero, "skipped": zero, "consecutive_skips": zero}
+
+    def _count(self, key: str) -> int:
+        return int(self._xp.to_numpy(self._s[key]))
+
+    skipped = property(lambda self: self._count("skipped"), doc="Steps skipped so far.")
+    consecutive_skips = property(lambda self: self._count("consecutive_skips"), doc="Skips in a row, now.")
+
+    # ------------------------------------------------------------------ the maths, once
+    def decide_arrays(self, norm, nonfinite, xp, commit: bool = True) -> dict:
+        """Decide one step with the operations of ``xp``, updating every state in place.
+
+        ``norm``: the global norm (after zeroing, under ``action="zero"``); ``nonfinite``: a
+        boolean array, whether the gradient held inf or nan. Returns arrays: ``proceed``,
+        ``code`` (an index into :data:`REASONS`), ``threshold`` (a Python number for a fixed
+        threshold) and ``too_many`` (the consecutive-skip limit is reached). The spike
+        detector sees only steps that are not skipped for a non-finite gradient, and the
+        policy only steps that are taken; the caller raises (:meth:`raise_for`). With
+        ``commit=False`` nothing changes until the caller calls ``out["commit"]()``.
+        """
+        s = self.arrays(xp)
+        pending = []
+        bad = nonfinite & (self.action != "zero")
+        spike = bad & False
+        if self.spike is not None:
+            state = self.spike.arrays(xp)
+            flag, new = self.spike.update(state, norm, xp)
+            pending.append((state, select(~bad, new, state, xp)))
+            spike = flag & ~bad
+        proceed = ~bad & ~spike
+        threshold = math.inf
+        if self.policy is not None:
+            threshold = self._threshold(norm, proceed, xp, pending)
+        # a step that raises (action "raise") is not taken, but it is no skip either
+        skipped = spike if self.action == "raise" else ~proceed
+        consecutive = xp.where(skipped, s["consecutive_skips"] + 1, xp.where(proceed, 0, s["consecutive_skips"]))
+        pending.append((s, {"steps": s["steps"] + 1, "skipped": s["skipped"] + xp.where(skipped, 1, 0),
+                            "consecutive_skips": consecutive}))
+
+        def apply():
+            for state, new in pending:
+                if callable(new):
+                    new()
+                else:
+                    xp.assign(state, new)
+
+        if commit:
+            apply()
+        code = xp.where(bad, NONFINITE, xp.where(spike, SPIKE, xp.where(nonfinite, ZEROED, OK)))
+        return {"proceed": proceed, "code": code, "threshold": threshold, "norm": norm,
+                "too_many": consecutive >= self.max_consecutive_skips, "commit": apply}
+
+    def _threshold(self, norm, proceed, xp, pending: list):
+        policy = self.policy
+        if not policy.on_device():  # a host-only policy: it needs the numbers
+            if not bool(proceed):
+                return xp.asarray(math.inf, xp.float)
+            trial = copy.deepcopy(policy)
+            threshold = trial.step(float(norm))
+            pending.append((None, lambda: policy.__dict__.update(trial.__dict__)))
+            return xp.asarray(threshold, xp.float)
+        state = policy.arrays(xp)
+        threshold, new = policy.update(state, norm, xp)
+        pending.append((state, select(proceed, new, state, xp)))
+        return threshold if isinstance(threshold, float) else xp.where(proceed, threshold, math.inf)
+
+    def raise_for(self, code: int, too_many: bool, first_bad=None, bad_count=None, note: str = "") -> None:
+        """Raise what a decision read on the host calls for (nothing for a step taken or skipped quietly)."""
+        steps = self.steps
+        if code == NONFINITE and self.action == "raise":
+            count = "" if bad_count is None else f" ({bad_count} non-finite entries in all)"
+            where = "" if first_bad is None else f": first in {self.kind} {first_bad!r}"
+            raise NonFiniteGradientError(f"non-finite gradient at step {steps}{where}{count}{note}")
+        if too_many:
             raise TooManySkipsError(
-                f"skipped {self.consecutive_skips} consecutive steps (last at step {self.steps}, reason: {reason}); "
-                f"max_consecutive_skips={self.max_consecutive_skips}. Lower the learning rate or inspect the data."
+                f"skipped {self.consecutive_skips} consecutive steps (last at step {steps}, reason: "
+                f"{REASONS[code]}); max_consecutive_skips={self.max_consecutive_skips}. Lower the learning "
+                "rate or inspect the data."
             )
-        return Decision(False, reason, math.inf)
 
-    def skip(self, reason: str) -> Decision:
-        """Record a step skipped for a reason found by the caller; it counts towards ``max_consecutive_skips``."""
-        self.steps += 1
-        return self._skip(reason)
+    # ------------------------------------------------------------------ on the host, with NumPy
+    def _decide(self, norm: float, nonfinite: bool, first_bad=None, bad_count=None, note="") -> Decision:
+        out = NUMPY.run(self.decide_arrays, np.float64(norm), np.asarray(nonfinite), NUMPY)
+        code = int(out["code"])
+        self.raise_for(code, bool(out["too_many"]), first_bad, bad_count, note)
+        return Decision(bool(out["proceed"]), REASONS[code], float(out["threshold"]))
 
     def overflow(self) -> Decision:
         """Record a loss-scale overflow: a step not taken, but an expected one under dynamic loss
         scaling (the scaler lowers its scale), so neither ``skipped`` nor the consecutive-skip
         limit counts it."""
-        self.steps += 1
+        s = self.arrays(self._xp)
+        self._xp.assign(s, {"steps": s["steps"] + 1})
         return Decision(False, "overflow", math.inf)
 
     def after_zeroing(self, norm: float) -> Decision:
         """Second half of a ``"zero"`` decision: the bad entries were zeroed, ``norm`` re-measured."""
-        return self._finish(norm, zeroed=True)
+        return self._decide(norm, True)
 
     def decide(self, norm: float, first_bad: str | None = None, bad_count: int = 0, note: str = "") -> Decision:
         """``norm``: the global norm; ``first_bad``: name of the first non-finite variable, or None.
@@ -93,29 +181,14 @@ class StepDecider:
         the zeroed gradient for spikes like any other. ``note`` is appended to the
         ``NonFiniteGradientError`` message.
         """
-        self.steps += 1
-        if first_bad is not None:
-            if self.action == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient at step {self.steps}: first in {self.kind} {first_bad!r} "
-                    f"({bad_count} non-finite entries in all){note}"
-                )
-            if self.action == "skip":
-                return self._skip("nonfinite")
+        if first_bad is not None and self.action == "zero":
             return Decision(True, "zero", math.inf)
-        return self._finish(norm, zeroed=False)
-
-    def _finish(self, norm: float, zeroed: bool) -> Decision:
-        # A zeroed gradient is checked too: zeroing a NaN must not let a x1000 spike through.
-        if self.spike is not None and self.spike.step(norm):
-            return self._skip("spike")
-        threshold = self.policy.step(norm) if self.policy is not None else math.inf
-        self.consecutive_skips = 0
-        return Decision(True, "zeroed" if zeroed else "ok", threshold)
+        return self._decide(norm, first_bad is not None, first_bad, bad_count, note)
 
     def state_dict(self) -> dict:
         """Counters, and the spike detector's and the policy's state (plain Python values)."""
-        state = {"steps": self.steps, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
+        host = self._host()
+        state = {key: int(host[key]) for key in ("steps", "skipped", "consecutive_skips")}
         if self.spike is not None:
             state["spike"] = self.spike.state_dict()
         if self.policy is not None:
@@ -125,10 +198,11 @@ class StepDecider:
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        counters = {}
         for key in ("steps", "skipped", "consecutive_skips"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing key {key!r}")
-            setattr(self, key, _checks.integer(f"state_dict[{key!r}]", state_dict[key], minimum=0))
+            counters[key] = np.asarray(_checks.integer(f"state_dict[{key!r}]", state_dict[key], minimum=0))
         if self.spike is not None:
             if "spike" not in state_dict:
                 raise ValueError("state_dict has no 'spike' state but this guard has a spike detector")
@@ -137,6 +211,9 @@ class StepDecider:
         # whose PyTorch guard did not hold it) leaves the policy's own state as it is.
         if self.policy is not None and "policy" in state_dict:
             self.policy.load_state_dict(state_dict["policy"])
+        xp = self._xp
+        self._s, self._xp = counters, NUMPY
+        self.arrays(xp)
 
 
 class GuardBase:

@@ -2,29 +2,40 @@
 
 A policy sees one number per optimiser step, the global gradient norm, and
 answers with a clip threshold (``step``) or a verdict (``SpikeDetector.step``).
-The maths lives here once; :mod:`gradtools.torch` and :mod:`gradtools.keras`
-only measure norms and rescale gradients.
+The maths lives here once, in each policy's ``update(state, norm, xp)``: a pure
+function of the running state (a dict of arrays) over the few operations of an
+``xp`` namespace (:mod:`gradtools._ops`). ``step()`` runs it with NumPy, the
+reference; :mod:`gradtools.torch` runs the very same function with PyTorch
+operations on the gradients' device, so that a clipped, guarded step reads
+nothing back to the host and compiles with ``torch.compile(fullgraph=True)``.
 
 Every policy has ``state_dict()`` / ``load_state_dict()`` (plain Python values,
 so ``json`` and ``torch.save`` both work) and ``get_config()`` /
 ``from_config()``. A run resumed from a state dict takes exactly the decisions
-the uninterrupted run takes.
+the uninterrupted run takes. Inside a step the state lives in arrays of the
+framework that runs it; ``state_dict()`` reads them into Python numbers.
 
 Non-finite norms are never recorded: one NaN would otherwise poison every
 later threshold. Nor are norms of exactly 0 (a loss weight warmed up from 0, a
 fully masked batch): they carry no scale, and a history of zeros would clip
-every later gradient to 0. A zero gradient needs no clipping anyway. Deciding what to do with a non-finite gradient is the job of a
-guard (``gradtools.torch.GradGuard``), not of a clipping policy.
+every later gradient to 0. A zero gradient needs no clipping anyway. Deciding
+what to do with a non-finite gradient is the job of a guard
+(``gradtools.torch.GradGuard``), not of a clipping policy.
+
+A policy of your own needs only ``step(norm)`` and ``get_config()`` (see
+:func:`register_policy`); such a policy runs on the host, so the PyTorch clipper
+reads the norm to call it. Define ``init_state`` and ``update`` instead, as the
+policies here do, and it runs on the device too.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import numpy as np
 
 from gradtools import _checks
+from gradtools._ops import NUMPY, masked_mean_var, ring_from, ring_list, ring_push
 
 __all__ = ["Policy", "FixedThreshold", "AutoClip", "ZClip", "SpikeDetector", "get_policy", "register_policy",
            "registered_policies", "policy_config", "policy_from_config"]
@@ -42,28 +53,57 @@ def _norm_value(value, name: str = "norm") -> float:
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})") from None
 
 
-def _informative(value: float) -> bool:
+def _informative(g, xp):
     """A norm worth remembering: finite and not exactly 0 (see the module docstring)."""
-    return math.isfinite(value) and value != 0.0
+    return xp.isfinite(g) & (g != 0.0)
 
 
-class Policy:
-    """Base class: ``step(norm) -> threshold`` plus state and config handling."""
+class Stateful:
+    """Running state held as arrays of one framework at a time, exported as plain Python values.
 
-    #: Names of the attributes that make up the state (beyond ``steps``).
+    Subclasses define ``init_state(xp)`` (a dict of arrays, ``"steps"`` included),
+    ``_export(state)`` / ``_import(state_dict)`` (NumPy arrays <-> plain values) and
+    their own maths over the state.
+    """
+
+    #: Names of the plain values in ``state_dict()`` beyond ``type``, ``config`` and ``steps``.
     _state_keys: tuple[str, ...] = ()
 
     def __init__(self):
-        self.steps = 0
+        self._xp = NUMPY
+        self._s = self.init_state(NUMPY)
 
-    # --- to be provided by subclasses -------------------------------------------------
-    def step(self, norm) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def init_state(self, xp) -> dict:
+        return {"steps": xp.asarray(0, xp.int)}
+
+    def arrays(self, xp=NUMPY) -> dict:
+        """The running state as arrays of ``xp``, moved there (through NumPy) if held elsewhere."""
+        if self._xp.key != xp.key:
+            host = {k: self._xp.to_numpy(v) for k, v in self._s.items()}
+            self._s, self._xp = {k: xp.from_numpy(v) for k, v in host.items()}, xp
+        return self._s
+
+    def _host(self) -> dict:
+        return {k: self._xp.to_numpy(v) for k, v in self._s.items()}
+
+    @property
+    def steps(self) -> int:
+        """Steps seen (a read from the device when the state lives there)."""
+        return int(self._xp.to_numpy(self._s["steps"]))
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.arrays(NUMPY)["steps"] = np.asarray(value, dtype=np.int64)
+
+    def _export(self, state: dict) -> dict:
+        return {}
+
+    def _import(self, state_dict: dict) -> dict:
+        return {}
 
     def get_config(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # --- shared machinery ---------------------------------------------------------------
     @classmethod
     def from_config(cls, config: dict):
         if not isinstance(config, dict):
@@ -71,11 +111,9 @@ class Policy:
         return cls(**config)
 
     def state_dict(self) -> dict:
-        state = {"type": type(self).__name__, "config": self.get_config(), "steps": self.steps}
-        for key in self._state_keys:
-            value = getattr(self, key)
-            state[key] = list(value) if isinstance(value, deque) else value
-        return state
+        host = self._host()
+        return {"type": type(self).__name__, "config": self.get_config(), "steps": int(host["steps"]),
+                **self._export(host)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict):
@@ -91,16 +129,40 @@ class Policy:
                 f"state_dict config {state_dict['config']!r} does not match this "
                 f"{type(self).__name__}'s config {self.get_config()!r}"
             )
-        self.steps = _checks.integer("state_dict['steps']", state_dict["steps"], minimum=0)
-        self._load_state(state_dict)
-
-    def _load_state(self, state: dict) -> None:
-        for key in self._state_keys:
-            setattr(self, key, state[key])
+        steps = _checks.integer("state_dict['steps']", state_dict["steps"], minimum=0)
+        fresh = self.init_state(NUMPY)
+        fresh.update(self._import(state_dict))
+        fresh["steps"] = np.asarray(steps, dtype=np.int64)
+        xp = self._xp
+        self._s, self._xp = fresh, NUMPY
+        self.arrays(xp)  # back where it lived
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+class Policy(Stateful):
+    """Base class: ``step(norm) -> threshold`` plus state and config handling.
+
+    A subclass defines ``update(state, norm, xp) -> (threshold, new_state)`` over
+    the operations of ``xp`` (see :mod:`gradtools._ops`); ``step`` runs it with
+    NumPy. A subclass may instead override ``step`` alone: it then runs on the host.
+    """
+
+    update = None  # (state, norm, xp) -> (threshold, new state); None: a host-only policy
+
+    def on_device(self) -> bool:
+        """Whether the policy's maths can run as array operations (``update``), not only ``step``."""
+        return type(self).update is not None and type(self).step is Policy.step
+
+    def step(self, norm) -> float:
+        g = _norm_value(norm)
+        if type(self).update is None:  # pragma: no cover - a subclass that overrides neither
+            raise NotImplementedError(f"{type(self).__name__} must define step() or update()")
+        threshold, new = NUMPY.run(self.update, self.arrays(NUMPY), np.float64(g), NUMPY)
+        NUMPY.assign(self._s, new)
+        return float(threshold)
 
 
 class FixedThreshold(Policy):
@@ -115,16 +177,15 @@ class FixedThreshold(Policy):
     """
 
     def __init__(self, max_norm: float):
-        super().__init__()
         self.max_norm = _checks.positive("max_norm", max_norm)
+        super().__init__()
 
     def get_config(self) -> dict:
         return {"max_norm": self.max_norm}
 
-    def step(self, norm) -> float:
-        _norm_value(norm)
-        self.steps += 1
-        return self.max_norm
+    def update(self, s, norm, xp):
+        # a Python number: the device rescales by exactly torch.nn.utils.clip_grad_norm_'s factor
+        return self.max_norm, {"steps": s["steps"] + 1}
 
 
 class AutoClip(Policy):
@@ -133,8 +194,11 @@ class AutoClip(Policy):
     At every step the observed global norm is appended to a history (bounded
     to the last ``history_size`` values), and the threshold is the
     ``percentile``-th percentile of that history, current norm included, with
-    linear interpolation (``numpy.percentile``'s default). The paper keeps the
-    whole history; a bound keeps memory constant on long runs.
+    linear interpolation (``numpy.percentile``'s default): with the ``n`` norms
+    sorted, ``v = (n - 1) * percentile / 100`` and the threshold lies between
+    the ``floor(v)``-th and the next. The paper keeps the whole history; a bound
+    keeps memory constant on long runs, and the history is a fixed-size buffer,
+    so that the same operations run on a device.
 
     Args:
         percentile (float): in (0, 100], default 10 (the paper's choice).
@@ -149,34 +213,52 @@ class AutoClip(Policy):
     _state_keys = ("history",)
 
     def __init__(self, percentile: float = 10.0, history_size: int = 10000):
-        super().__init__()
         self.percentile = _checks.in_range("percentile", percentile, 0.0, 100.0, low_open=True)
         self.history_size = _checks.integer("history_size", history_size, minimum=1)
-        self.history: deque = deque(maxlen=self.history_size)
+        super().__init__()
 
     def get_config(self) -> dict:
         return {"percentile": self.percentile, "history_size": self.history_size}
 
-    def _load_state(self, state):
+    def init_state(self, xp) -> dict:
+        return {**super().init_state(xp), "history": xp.full(self.history_size, INF), "count": xp.asarray(0, xp.int)}
+
+    def _export(self, state):
+        return {"history": ring_list(state["history"], state["count"])}
+
+    def _import(self, state):
         history = [float(x) for x in state["history"]]
         if len(history) > self.history_size:
             raise ValueError(
                 f"state_dict['history'] holds {len(history)} norms, more than history_size={self.history_size}"
             )
-        self.history = deque(history, maxlen=self.history_size)
+        buf, count = ring_from(history, self.history_size)
+        return {"history": buf, "count": count}
+
+    @property
+    def history(self) -> list:
+        """The remembered norms, oldest first (read from the device when the state lives there)."""
+        return self._export(self._host())["history"]
 
     def threshold(self) -> float:
         """The current threshold without recording anything (inf if no history)."""
-        if not self.history:
-            return INF
-        return float(np.percentile(np.fromiter(self.history, dtype=np.float64), self.percentile))
+        return float(NUMPY.run(self._percentile, self.arrays(NUMPY)["history"], self.arrays(NUMPY)["count"], NUMPY))
 
-    def step(self, norm) -> float:
-        value = _norm_value(norm)
-        self.steps += 1
-        if _informative(value):
-            self.history.append(value)
-        return self.threshold()
+    def _percentile(self, buf, count, xp):
+        n = xp.minimum(count, self.history_size)
+        ordered = xp.sort(buf)  # unused slots hold inf and sort last
+        v = xp.astype(n - 1, xp.float) * (self.percentile / 100.0)
+        lo = xp.maximum(xp.floor_int(v), 0)
+        hi = xp.minimum(lo + 1, xp.maximum(n - 1, 0))
+        a, b = xp.take(ordered, lo), xp.take(ordered, hi)
+        t = v - xp.astype(lo, xp.float)
+        diff = b - a
+        value = xp.where(t >= 0.5, b - diff * (1.0 - t), a + diff * t)  # numpy's own lerp
+        return xp.where(n > 0, value, INF)
+
+    def update(self, s, norm, xp):
+        history, count = ring_push(s["history"], s["count"], norm, _informative(norm, xp), xp)
+        return self._percentile(history, count, xp), {"steps": s["steps"] + 1, "history": history, "count": count}
 
 
 class ZClip(Policy):
@@ -226,16 +308,13 @@ class ZClip(Policy):
         max_norm: float | None = None,
         eps: float = 1e-6,
     ):
-        super().__init__()
         self.alpha = _checks.in_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
         self.z_thresh = _checks.positive("z_thresh", z_thresh)
         self.warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
         self.clip_option = _checks.choice("clip_option", clip_option, {"adaptive_scaling", "mean"})
         self.max_norm = None if max_norm is None else _checks.positive("max_norm", max_norm)
         self.eps = _checks.positive("eps", eps)
-        self.buffer: list[float] = []
-        self.mean: float | None = None
-        self.var: float | None = None
+        super().__init__()
 
     def get_config(self) -> dict:
         return {
@@ -247,45 +326,64 @@ class ZClip(Policy):
             "eps": self.eps,
         }
 
-    def _load_state(self, state):
-        self.buffer = [float(x) for x in state["buffer"]]
-        self.mean = None if state["mean"] is None else float(state["mean"])
-        self.var = None if state["var"] is None else float(state["var"])
+    def init_state(self, xp) -> dict:
+        return {**super().init_state(xp), "buffer": xp.full(self.warmup_steps, 0.0), "count": xp.asarray(0, xp.int),
+                "mean": xp.asarray(math.nan, xp.float), "var": xp.asarray(math.nan, xp.float),
+                "initialized": xp.asarray(False)}
 
-    @property
-    def initialized(self) -> bool:
-        return self.mean is not None
+    def _export(self, state):
+        if bool(state["initialized"]):
+            return {"buffer": [], "mean": float(state["mean"]), "var": float(state["var"])}
+        return {"buffer": ring_list(state["buffer"], state["count"]), "mean": None, "var": None}
 
-    def _ceiling(self, threshold: float) -> float:
-        return threshold if self.max_norm is None else min(threshold, self.max_norm)
+    def _import(self, state):
+        buffer = [float(x) for x in state["buffer"]]
+        if len(buffer) >= self.warmup_steps:
+            raise ValueError(f"state_dict['buffer'] holds {len(buffer)} norms; a ZClip with "
+                             f"warmup_steps={self.warmup_steps} holds fewer")
+        buf, count = ring_from(buffer, self.warmup_steps, fill=0.0)
+        if state["mean"] is None or state["var"] is None:
+            return {"buffer": buf, "count": count}
+        return {"buffer": buf, "count": count, "mean": np.asarray(float(state["mean"])),
+                "var": np.asarray(float(state["var"])), "initialized": np.asarray(True)}
 
-    def step(self, norm) -> float:
-        g = _norm_value(norm)
-        self.steps += 1
-        if not _informative(g):
-            return self._ceiling(INF)
-        if not self.initialized:
-            self.buffer.append(g)
-            if len(self.buffer) >= self.warmup_steps:
-                self.mean = sum(self.buffer) / len(self.buffer)
-                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
-                self.buffer = []
-            return self._ceiling(INF)
-        std = math.sqrt(self.var)
-        z = (g - self.mean) / (std + self.eps)
-        threshold = INF
-        if z > self.z_thresh:
-            if self.clip_option == "adaptive_scaling":
-                threshold = self.mean + self.z_thresh * std / (z / self.z_thresh)
-            else:
-                threshold = self.mean
-        effective = min(g, threshold)
-        self.mean = self.alpha * self.mean + (1 - self.alpha) * effective
-        self.var = self.alpha * self.var + (1 - self.alpha) * (effective - self.mean) ** 2
-        return self._ceiling(threshold)
+    mean = property(lambda self: self._export(self._host())["mean"], doc="The EMA mean (None during warm-up).")
+    var = property(lambda self: self._export(self._host())["var"], doc="The EMA variance (None during warm-up).")
+    buffer = property(lambda self: self._export(self._host())["buffer"], doc="The warm-up norms collected so far.")
+    initialized = property(lambda self: self.mean is not None, doc="Whether the warm-up is over.")
+
+    def update(self, s, norm, xp):
+        keep = _informative(norm, xp)
+        ready = s["initialized"]
+        # warm-up: collect, and initialise mean and variance from the buffer once it is full
+        buffer, count = ring_push(s["buffer"], s["count"], norm, keep & ~ready, xp)
+        done = ~ready & (count >= self.warmup_steps)
+        first_mean, first_var, _ = masked_mean_var(buffer, count, xp)
+        # clipping against the EMA statistics
+        std = xp.sqrt(s["var"])
+        z = (norm - s["mean"]) / (std + self.eps)
+        if self.clip_option == "adaptive_scaling":
+            outlier = s["mean"] + self.z_thresh * std / (z / self.z_thresh)
+        else:
+            outlier = s["mean"]
+        active = ready & keep
+        threshold = xp.where(active & (z > self.z_thresh), outlier, INF)
+        clipped = xp.minimum(norm, threshold)
+        mean = self.alpha * s["mean"] + (1 - self.alpha) * clipped
+        var = self.alpha * s["var"] + (1 - self.alpha) * (clipped - mean) ** 2
+        if self.max_norm is not None:
+            threshold = xp.minimum(threshold, self.max_norm)
+        return threshold, {
+            "steps": s["steps"] + 1,
+            "buffer": buffer,
+            "count": xp.where(done, 0, count),
+            "mean": xp.where(active, mean, xp.where(done, first_mean, s["mean"])),
+            "var": xp.where(active, var, xp.where(done, first_var, s["var"])),
+            "initialized": ready | done,
+        }
 
 
-class SpikeDetector(Policy):
+class SpikeDetector(Stateful):
     """Flag a step whose gradient norm (and optionally loss) is an outlier.
 
     Keeps the last ``window`` accepted values. Once ``min_history`` values are
@@ -318,7 +416,6 @@ class SpikeDetector(Policy):
 
     def __init__(self, window: int = 100, z_thresh: float = 6.0, min_history: int = 10, min_ratio: float = 1.5,
                  eps: float = 1e-12):
-        super().__init__()
         self.window = _checks.integer("window", window, minimum=2)
         self.z_thresh = _checks.positive("z_thresh", z_thresh)
         self.min_history = _checks.integer("min_history", min_history, minimum=2)
@@ -326,56 +423,67 @@ class SpikeDetector(Policy):
             raise ValueError(f"min_history must be <= window ({self.window}), got {min_history!r}")
         self.min_ratio = _checks.non_negative("min_ratio", min_ratio)
         self.eps = _checks.positive("eps", eps)
-        self.norms: deque = deque(maxlen=self.window)
-        self.losses: deque = deque(maxlen=self.window)
-        self.spikes = 0
+        super().__init__()
 
     def get_config(self) -> dict:
         return {"window": self.window, "z_thresh": self.z_thresh, "min_history": self.min_history,
                 "min_ratio": self.min_ratio, "eps": self.eps}
 
-    def _load_state(self, state):
-        self.norms = deque((float(x) for x in state["norms"]), maxlen=self.window)
-        self.losses = deque((float(x) for x in state["losses"]), maxlen=self.window)
-        self.spikes = _checks.integer("state_dict['spikes']", state["spikes"], minimum=0)
+    def init_state(self, xp) -> dict:
+        zero = xp.asarray(0, xp.int)
+        return {**super().init_state(xp), "norms": xp.full(self.window, 0.0), "norm_count": zero,
+                "losses": xp.full(self.window, 0.0), "loss_count": zero, "spikes": zero}
+
+    def _export(self, state):
+        return {"norms": ring_list(state["norms"], state["norm_count"]),
+                "losses": ring_list(state["losses"], state["loss_count"]), "spikes": int(state["spikes"])}
+
+    def _import(self, state):
+        norms, norm_count = ring_from(state["norms"], self.window, fill=0.0)
+        losses, loss_count = ring_from(state["losses"], self.window, fill=0.0)
+        spikes = _checks.integer("state_dict['spikes']", state["spikes"], minimum=0)
+        return {"norms": norms, "norm_count": norm_count, "losses": losses, "loss_count": loss_count,
+                "spikes": np.asarray(spikes, dtype=np.int64)}
+
+    norms = property(lambda self: self._export(self._host())["norms"], doc="The accepted norms, oldest first.")
+    losses = property(lambda self: self._export(self._host())["losses"], doc="The accepted losses, oldest first.")
+    spikes = property(lambda self: int(self._xp.to_numpy(self._s["spikes"])), doc="Spikes flagged so far.")
 
     def zscore(self, value: float, history) -> float:
         """z-score of ``value`` against ``history`` (nan while history is too short)."""
+        history = [float(x) for x in history]
         if len(history) < self.min_history:
             return math.nan
-        arr = np.fromiter(history, dtype=np.float64)
-        return float((value - arr.mean()) / (arr.std() + self.eps))
+        buf, count = ring_from(history, len(history))
+        mean, var, _ = masked_mean_var(buf, count, NUMPY)
+        return float((value - mean) / (np.sqrt(var) + self.eps))
 
-    def _is_outlier(self, value: float, history) -> bool:
-        if not math.isfinite(value):
-            return True
-        if value == 0.0:
-            return False
-        z = self.zscore(value, history)
-        if not (math.isfinite(z) and z > self.z_thresh):
-            return False
-        mean = float(np.mean(np.fromiter(history, dtype=np.float64)))
-        if mean > 0:
-            return value > self.min_ratio * mean
-        # a negative mean (a log-likelihood loss): the same margin, (min_ratio - 1) |mean| above it
-        return value - mean > (self.min_ratio - 1.0) * abs(mean)
+    def _outlier(self, value, buf, count, xp):
+        mean, var, n = masked_mean_var(buf, count, xp)
+        z = (value - mean) / (xp.sqrt(var) + self.eps)
+        above = xp.where(mean > 0, value > self.min_ratio * mean,
+                         value - mean > (self.min_ratio - 1.0) * xp.abs(mean))
+        return ~xp.isfinite(value) | ((value != 0.0) & (n >= self.min_history) & (z > self.z_thresh) & above)
+
+    def update(self, s, norm, xp, loss=None):
+        """``(spike, new_state)``: the verdict on this step's norm (and loss) as a boolean array."""
+        spike = self._outlier(norm, s["norms"], s["norm_count"], xp)
+        new = {"steps": s["steps"] + 1}
+        if loss is not None:
+            spike = spike | self._outlier(loss, s["losses"], s["loss_count"], xp)
+            new["losses"], new["loss_count"] = ring_push(s["losses"], s["loss_count"], loss, ~spike & (loss != 0.0),
+                                                         xp)
+        new["norms"], new["norm_count"] = ring_push(s["norms"], s["norm_count"], norm, ~spike & (norm != 0.0), xp)
+        new["spikes"] = s["spikes"] + xp.where(spike, 1, 0)
+        return spike, {**s, **new}
 
     def step(self, norm, loss=None) -> bool:
         """Record ``norm`` (and ``loss``) and return True if this step is a spike."""
-        g = _norm_value(norm)
-        l_val = None if loss is None else _norm_value(loss, "loss")
-        self.steps += 1
-        spike = self._is_outlier(g, self.norms)
-        if l_val is not None:
-            spike = spike or self._is_outlier(l_val, self.losses)
-        if spike:
-            self.spikes += 1
-            return True
-        if g != 0.0:  # finite here: a non-finite value is a spike
-            self.norms.append(g)
-        if l_val is not None and l_val != 0.0:
-            self.losses.append(l_val)
-        return False
+        g = np.float64(_norm_value(norm))
+        l_val = None if loss is None else np.float64(_norm_value(loss, "loss"))
+        spike, new = NUMPY.run(self.update, self.arrays(NUMPY), g, NUMPY, l_val)
+        NUMPY.assign(self._s, new)
+        return bool(spike)
 
 
 _REGISTRY: dict[str, type] = {}

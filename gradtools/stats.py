@@ -26,7 +26,6 @@ def _tolist(tensor) -> list:
     return tensor.numpy().tolist()  # tf.Tensor
 
 
-@dataclass
 class GradStats:
     """Gradient statistics of one step; tensors stay on the device until read.
 
@@ -35,26 +34,44 @@ class GradStats:
     gradient; ``norms``: a 1-d tensor of their norms in that order; ``total``: the
     0-d global norm (the norm of ``norms``, as ``torch.nn.utils.get_total_norm``
     computes it); ``nonfinite``: a 1-d int64 tensor of inf/nan entry counts, or
-    None when they were not counted; ``norm_type``: the p of the p-norm.
+    None when they were not counted (PyTorch counts them when first read, from
+    the gradients as they are then); ``norm_type``: the p of the p-norm.
     """
 
-    names: list
-    norms: object
-    total: object
-    nonfinite: object = None
-    norm_type: float = 2.0
+    def __init__(self, names, norms, total, nonfinite=None, norm_type: float = 2.0):
+        self.names, self.norms, self.total, self.norm_type = names, norms, total, norm_type
+        self._nonfinite, self._count = nonfinite, None
+
+    def count_with(self, count) -> None:
+        """Count the non-finite entries with ``count()`` when ``nonfinite`` is first read."""
+        self._nonfinite, self._count = None, count
+
+    @property
+    def nonfinite(self):
+        if self._nonfinite is None and self._count is not None:
+            self._nonfinite, self._count = self._count(), None
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value) -> None:
+        self._nonfinite, self._count = value, None
+
+    def __repr__(self) -> str:
+        return f"GradStats(names={self.names!r}, total={self.total!r}, norm_type={self.norm_type})"
 
     def as_dict(self) -> dict:
         """Plain Python numbers: ``total_norm``, ``norms`` and ``nonfinite`` by name."""
         out = {"total_norm": float(self.total), "norms": dict(zip(self.names, _tolist(self.norms)))}
-        if self.nonfinite is not None:
-            out["nonfinite"] = dict(zip(self.names, (int(c) for c in _tolist(self.nonfinite))))
+        nonfinite = self.nonfinite
+        if nonfinite is not None:
+            out["nonfinite"] = dict(zip(self.names, (int(c) for c in _tolist(nonfinite))))
         return out
 
     def first_nonfinite(self) -> str | None:
         """Name of the first parameter with a non-finite entry, or None."""
-        if self.nonfinite is not None:
-            bad = [i for i, c in enumerate(_tolist(self.nonfinite)) if c]
+        nonfinite = self.nonfinite
+        if nonfinite is not None:
+            bad = [i for i, c in enumerate(_tolist(nonfinite)) if c]
         else:
             bad = [i for i, n in enumerate(_tolist(self.norms)) if not math.isfinite(n)]
         return self.names[bad[0]] if bad else None

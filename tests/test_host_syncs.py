@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch_helpers import backward, tiny_mlp
 
 import gradtools.torch as gt
-from gradtools.policies import SpikeDetector, ZClip
+from gradtools.policies import AutoClip, SpikeDetector, ZClip
 
 _READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
           torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy}
@@ -32,22 +32,49 @@ class HostReads(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.paused = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         if func in _READS or (func is torch.Tensor.cpu) or (func is torch.Tensor.to and _to_cpu(args, kwargs)):
             self.calls.append(func.__name__)
         return func(*args, **kwargs)
 
 
+_MODE = []
+
+
 def _count(fn):
     with HostReads() as mode:
-        out = fn()
+        _MODE.append(mode)
+        try:
+            out = fn()
+        finally:
+            _MODE.pop()
     return mode.calls, out
 
 
+def _uncounted(step):
+    """The optimizer's own step, not counted: its reads are PyTorch's (Adam reads its step count,
+    kept on the CPU for that reason), not the guard's."""
+
+    def wrapped(*args, **kwargs):
+        mode = _MODE[-1] if _MODE else None
+        if mode is not None:
+            mode.paused = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            if mode is not None:
+                mode.paused = False
+
+    return wrapped
+
+
 @pytest.mark.parametrize("clipper", [None, "zclip", 0.5], ids=["no clipper", "zclip", "fixed"])
-def test_a_guarded_step_reads_one_number(clipper):
+def test_a_guarded_step_reads_one_number_the_verdict(clipper):
     model = tiny_mlp(sizes=(5, 7, 7, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     guard = gt.GradGuard(model, opt, spike=SpikeDetector(min_history=2),
@@ -55,7 +82,7 @@ def test_a_guarded_step_reads_one_number(clipper):
     for step in range(4):
         backward(model, seed=step, scale=10.0)
         calls, result = _count(guard.step)
-        assert result.stepped and calls == ["__float__"], calls  # the global norm, once
+        assert result.stepped and calls == ["__int__"], calls  # the verdict, once
 
 
 def test_a_guarded_accumulated_window_reads_one_number():
@@ -70,7 +97,7 @@ def test_a_guarded_accumulated_window_reads_one_number():
 
     for _ in range(3):
         calls, stepped = _count(window)
-        assert stepped and calls == ["__float__"], calls
+        assert stepped and calls == ["__int__"], calls
 
 
 def test_agc_and_unread_statistics_read_nothing():
@@ -93,4 +120,64 @@ def test_a_nonfinite_step_may_read_more_but_names_the_culprit():
     model[2].weight.grad[0, 0] = math.nan
     calls, result = _count(guard.step)
     assert not result.stepped and result.stats.first_nonfinite() == "2.weight"
-    assert calls[0] == "__float__"
+    assert calls[0] == "__int__"
+
+
+POLICIES = {"none": lambda: None, "fixed": lambda: 0.5, "zclip": lambda: ZClip(warmup_steps=3),
+            "autoclip": lambda: AutoClip(percentile=50)}
+
+
+def _run(action, policy, sync, faults, limit=10):
+    model = tiny_mlp(sizes=(5, 7, 7, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt.step = _uncounted(opt.step)
+    made = POLICIES[policy]()
+    guard = gt.GradGuard(model, opt, action=action, spike=SpikeDetector(min_history=3, window=5), sync=sync,
+                         clipper=None if made is None else gt.Clipper(made), check_every=1000,
+                         max_consecutive_skips=limit)
+    reads, results = [], []
+    for step, fault in enumerate(faults):
+        backward(model, seed=step, scale=1000.0 if fault == "spike" else 1.0)
+        if fault == "nan":
+            model[2].weight.grad[1, 1] = math.nan
+        calls, result = _count(guard.step)
+        reads.append(calls)
+        results.append(result)
+    return model, opt, guard, reads, results
+
+
+FAULTS = ["ok"] * 5 + ["nan", "ok", "spike", "ok", "nan", "ok"]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("action", ["skip", "zero"])
+def test_without_sync_a_guarded_clipped_step_reads_nothing_and_does_what_the_synced_guard_does(action, policy):
+    a = _run(action, policy, sync=True, faults=FAULTS)
+    b = _run(action, policy, sync=False, faults=FAULTS)
+    assert all(calls == [] for calls in b[3]), b[3]  # no host read in 11 steps, NaN and spike steps included
+    # the synced guard reads one integer a step; a non-finite norm costs more reads (the entries are
+    # counted, to tell non-finite entries from a float32 norm that overflowed)
+    assert all(calls == ["__int__"] for calls, fault in zip(a[3], FAULTS) if fault != "nan"), a[3]
+    assert [r.reason for r in b[4]] == [r.reason for r in a[4]]
+    assert [r.reason for r in a[4]].count("spike") == 1
+    assert "nonfinite" in [r.reason for r in a[4]] or action == "zero"
+    for p, q in zip(a[0].parameters(), b[0].parameters()):  # skipped steps were undone exactly
+        assert torch.equal(p, q)
+    for sa, sb in zip(a[1].state.values(), b[1].state.values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a[2].state_dict() == b[2].state_dict()
+
+
+def test_without_sync_an_error_surfaces_at_the_next_read_or_check():
+    model, opt, guard, reads, results = _run("raise", "zclip", sync=False, faults=["ok", "ok", "nan", "ok"])
+    assert reads == [[]] * 4
+    with pytest.raises(gt.NonFiniteGradientError, match=r"non-finite gradient at step 3: first in parameter '2.weight'"):
+        results[-1].stepped
+    guard.check()  # reported once
+    model, opt, guard, reads, results = _run("skip", "none", sync=False, faults=["ok", "nan", "nan", "ok"], limit=3)
+    guard.check()  # two in a row: nothing to report
+    model, opt, guard, reads, results = _run("skip", "none", sync=False, faults=["ok", "nan", "nan", "nan", "ok"],
+                                             limit=3)
+    assert reads == [[]] * 5 and guard.skipped == 3
+    with pytest.raises(gt.TooManySkipsError, match="skipped 3 consecutive steps .the last at step 4"):
+        guard.check()

@@ -202,13 +202,14 @@ def test_the_monitor_sees_unscaled_pre_clip_norms_in_both_supported_orders(order
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("sync", [True, False])
 @pytest.mark.parametrize("use_scaler", [False, True])
-def test_finite_entries_whose_norm_overflows_float32_are_no_overflow_and_get_clipped(use_scaler):
+def test_finite_entries_whose_norm_overflows_float32_are_no_overflow_and_get_clipped(use_scaler, sync):
     # every entry is finite, but the float32 2-norm of 1e20-sized entries is inf
     model = torch.nn.Linear(100, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=use_scaler)
-    guard = gt.GradGuard(model, opt, scaler=scaler, clipper=gt.Clipper(1.0))
+    guard = gt.GradGuard(model, opt, scaler=scaler, clipper=gt.Clipper(1.0), sync=sync)
     w = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     scaler.scale(1e20 * model(torch.ones(4, 100)).mean()).backward()
     result = guard.step()

@@ -133,19 +133,20 @@ def test_guard_state_round_trip():
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-def test_guard_with_clipper_clips_in_the_clippers_norm_and_reads_the_norm_once(norm_type, monkeypatch):
+def test_guard_with_clipper_clips_in_the_clippers_norm_and_reads_the_verdict_once(norm_type, monkeypatch):
     model = tiny_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay, the clipped grads remain to inspect
     clipper = gt.Clipper(0.05, norm_type=norm_type)
     guard = gt.GradGuard(model, opt, clipper=clipper)
     backward(model, scale=10.0)
     reads = []
-    real_float = torch.Tensor.__float__
+    real_float, real_int = torch.Tensor.__float__, torch.Tensor.__int__
     monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t.shape) or real_float(t))
-    assert guard.step().stepped
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t.shape) or real_int(t))
+    result = guard.step()
     monkeypatch.undo()
-    # the guard measures in the clipper's norm, so one read serves the guard, the policy and the clip
-    assert len(reads) == 1
+    # the guard, the policy and the clip decide on the device: one read, the verdict
+    assert len(reads) == 1 and result.stepped
     after = gt.get_total_norm([p.grad for p in model.parameters()], norm_type)
     assert float(after) == pytest.approx(0.05, rel=1e-4)
 

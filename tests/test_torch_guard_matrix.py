@@ -111,7 +111,9 @@ class Checker:
             norm = self._check_step(result, weights, unscaled, opt_state, scale, nonfinite)
             # every applied gradient was checked: for spikes (zeroed ones too) and by the policy
             assert detector is None or not detector.step(norm)
-            assert policy is None or policy.step(norm) == result.threshold
+            # the same maths on the device: a sum may add up in another order, and the EMA variance
+            # of nearly equal norms magnifies that (the issue allows a relative 1e-6)
+            assert policy is None or policy.step(norm) == pytest.approx(float(result.threshold), rel=1e-6)
         return result
 
     def _check_not_stepped(self, weights, opt_state, scale, nonfinite):

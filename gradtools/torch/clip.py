@@ -20,18 +20,22 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from gradtools import _checks
-from gradtools.stats import ClipperBase, ClipResult
+from gradtools._ops import select
+from gradtools.stats import ClipperBase, ClipResult, GradStats
+from gradtools.torch._ops import ops_on
 from gradtools.torch.norms import (
+    _all_reduce,
     _foreach_norms,
     _named_parameters,
     _raise_nonfinite,
     _stack,
     _total,
     device_groups,
+    is_dtensor,
+    local,
     measure,
     named_grads,
 )
@@ -55,6 +59,11 @@ def _grads_for_clip(parameters):
     return [p.grad for _, p in _named_parameters(parameters) if p.grad is not None]
 
 
+def _local_grads(parameters):
+    """This rank's part of each gradient (the gradients themselves unless they are DTensors)."""
+    return [local(g) for g in _grads_for_clip(parameters)]
+
+
 @torch.no_grad()
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None) -> None:
     """Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)`` in place.
@@ -62,7 +71,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     The coefficient is applied even when it is 1, which avoids a host sync on
     accelerators (the same choice ``torch.nn.utils`` makes).
     """
-    grads = _grads_for_clip(parameters)
+    grads = _local_grads(parameters)
     if not grads:
         return
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
@@ -129,7 +138,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
     value clipping changes the gradient's direction, unlike norm clipping.
     """
     clip_value = _checks.positive("clip_value", clip_value)
-    grads = _grads_for_clip(parameters)
+    grads = _local_grads(parameters)
     for idx, use_foreach in device_groups(grads, foreach):
         group = [grads[i] for i in idx]
         if use_foreach:
@@ -179,20 +188,56 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     clip_factor = _checks.positive("clip_factor", clip_factor)
     eps = _checks.positive("eps", eps)
     exclude = _checks.names("exclude", exclude)
-    pairs = _named_parameters(parameters)
-    counts = []
-    for name, p in pairs:
+    counts, whole, sharded = [], [], []
+    for name, p in _named_parameters(parameters):
         if p.grad is None or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
-        max_norm = _unitwise_norm(p.detach()).clamp_(min=eps).mul_(clip_factor)
-        grad_norm = _unitwise_norm(p.grad)
-        # timm's rule: a unit under its limit is left alone, also when the limit is below the 1e-6 floor
-        scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6))
-        counts.append((scale < 1.0).sum())  # stays on the device
-        p.grad.mul_(scale)
-    if not counts:
-        return torch.zeros((), dtype=torch.int64)
-    return _stack(counts).sum()
+        if is_dtensor(p) and _sharded(p):
+            sharded.append(p)
+            if p.ndim <= 1:  # one unit split across the ranks: its norms need the others' shards
+                whole.append(p)
+                continue
+            if any(_sharded(p, dim) for dim in range(1, p.ndim)):
+                raise NotImplementedError(
+                    f"adaptive_clip_grad_ needs whole units (rows) on each rank: parameter {name!r} is sharded "
+                    f"as {p.placements} (FSDP2's fully_shard shards dim 0, which keeps rows whole)")
+        counts.append(_agc_(local(p.grad), _unitwise_norm(local(p.detach())), _unitwise_norm(local(p.grad)),
+                            clip_factor, eps))
+    if not sharded:
+        return _stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
+    return _agc_sharded(whole, sharded, counts, clip_factor, eps)
+
+
+def _sharded(p, dim: int | None = None) -> bool:
+    """Whether the DTensor ``p`` is sharded (along tensor dimension ``dim``, if given)."""
+    return any(type(pl).__name__ == "Shard" and (dim is None or pl.dim == dim) for pl in p.placements)
+
+
+def _agc_(g, w_norm, g_norm, clip_factor, eps) -> torch.Tensor:
+    """Scale ``g`` unit by unit against the weights' unit norms; the count of units scaled down (on the device)."""
+    max_norm = w_norm.clamp(min=eps).mul_(clip_factor)
+    # timm's rule: a unit under its limit is left alone, also when the limit is below the 1e-6 floor
+    scale = torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp(min=1e-6))
+    g.mul_(scale.to(g.dtype))
+    return (scale < 1.0).sum()
+
+
+def _agc_sharded(whole, sharded, counts, clip_factor, eps) -> torch.Tensor:
+    """The sharded rest of AGC in one collective: the squared norms of the units split across ranks,
+    and this rank's count of clipped rows, summed over the ranks."""
+    import torch.distributed as dist
+
+    device = local(sharded[0].grad).device
+    rows = _stack(counts).sum().double() if counts else torch.zeros((), dtype=torch.float64, device=device)
+    parts = [local(p.detach()).double().pow(2).sum() for p in whole] + [
+        local(p.grad).double().pow(2).sum() for p in whole]
+    total = _all_reduce(_stack(parts + [rows]), whole + whole + [sharded[0]], dist.ReduceOp.SUM)
+    n = len(whole)
+    count = total[-1].round().to(torch.int64)
+    for i, p in enumerate(whole):
+        w_norm, g_norm = total[i].sqrt().to(p.dtype), total[n + i].sqrt().to(p.dtype)
+        count = count + _agc_(local(p.grad), w_norm, g_norm, clip_factor, eps)
+    return count
 
 
 @torch.no_grad()
@@ -258,24 +303,48 @@ def direction_change(before, after) -> float:
     return angle_between(host(before, "before"), host(after, "after"), names=("before", "after"))
 
 
-def _factor_below_one(norm: float, threshold: float, dtype) -> bool | None:
-    """Whether ``clamp(threshold / (total + 1e-6), max=1)`` is below 1, by the device's own
-    arithmetic redone on the host from the norm already read (torch's ``threshold / t`` is
-    ``t.reciprocal() * threshold``); None for half precision, whose rounding NumPy lacks."""
-    if dtype == torch.float32:
-        return bool((np.float32(1.0) / (np.float32(norm) + np.float32(1e-6))) * np.float32(threshold) < 1)
-    if dtype == torch.float64:
-        return (1.0 / (norm + 1e-6)) * threshold < 1.0
-    return None
-
-
 def _nothing_to_clip(threshold: float) -> ClipResult:
     zero = torch.tensor(0.0)
     return ClipResult(zero, zero, threshold, False)
 
 
+def policy_threshold(policy, total: torch.Tensor, norm: float | None = None, mask=None):
+    """This step's threshold from ``policy``, computed on ``total``'s device (no host read), or
+    on the host for a policy that defines only ``step()`` (one read of the norm). With ``mask``
+    (a boolean tensor) the policy's state moves only where it holds, and the threshold is inf
+    elsewhere. A fixed threshold stays a Python number."""
+    if not policy.on_device():
+        proceed = True if mask is None else bool(mask)
+        return policy.step(float(total) if norm is None else norm) if proceed else math.inf
+    xp = ops_on(total.device)
+    state = policy.arrays(xp)
+    threshold, new = policy.update(state, total.detach().to(torch.float64), xp)
+    if mask is None:
+        xp.assign(state, new)
+        return threshold
+    xp.assign(state, select(mask, new, state, xp))
+    return threshold if isinstance(threshold, float) else torch.where(mask, threshold, math.inf)
+
+
+def _factor(threshold, total: torch.Tensor) -> torch.Tensor:
+    """``min(1, threshold / (total + 1e-6))`` rounded exactly as ``torch.nn.utils.clip_grads_with_norm_``
+    rounds it, which reads a tensor threshold to a Python number (``t / x`` is ``x.reciprocal() * t``,
+    the number taken in the op's compute type): here the threshold stays on the device."""
+    if not isinstance(threshold, torch.Tensor):
+        return torch.clamp(threshold / (total + 1e-6), max=1.0)
+    compute = torch.float32 if total.dtype in (torch.float16, torch.bfloat16) else total.dtype
+    product = torch.reciprocal(total + 1e-6).to(compute) * threshold.to(compute)
+    return torch.clamp(product.to(total.dtype), max=1.0)
+
+
 class Clipper(ClipperBase):
     """Clip the global norm with any policy and report the norm before and after.
+
+    The policy's maths runs as tensor operations on the gradients' device
+    (:mod:`gradtools.policies`), so a call reads nothing back to the host and
+    compiles with ``torch.compile(fullgraph=True)``; the result's fields are
+    tensors, read when you read them. A policy of your own that defines only
+    ``step()`` costs one read of the norm per call.
 
     Args:
         policy: a :class:`gradtools.policies.Policy`, a positive number
@@ -289,13 +358,16 @@ class Clipper(ClipperBase):
         >>> clipper = Clipper(AutoClip(percentile=50))
         >>> m(torch.ones(1, 2)).sum().backward()   # the gradient's norm is sqrt(3)
         >>> r = clipper(m)   # threshold: the first norm itself
-        >>> r.clipped, 0 < float(r.norm_before - r.norm_after) < 1e-5
+        >>> bool(r.clipped), 0 < float(r.norm_before - r.norm_after) < 1e-5
         (True, True)
 
     The factor is ``torch.nn.utils.clip_grad_norm_``'s, ``min(1, t / (norm + 1e-6))``,
     applied whenever the threshold ``t`` is finite, as in ``gradtools.keras``.
+    Half-precision gradients are measured with float32 accumulation, so a float16
+    norm above 65504 is a number, not inf.
     """
 
+    @torch.no_grad()
     def __call__(self, parameters, stats=None, norm: float | None = None) -> ClipResult:
         """Ask the policy for this step's threshold and clip to it.
 
@@ -305,20 +377,21 @@ class Clipper(ClipperBase):
         parameters = _once(parameters)
         if stats is None and not _grads_for_clip(parameters):
             return _nothing_to_clip(math.inf)
-        return super().__call__(parameters, stats, norm)
+        parameters, stats = self._measure(parameters, stats)
+        return self.clip_to(parameters, policy_threshold(self.policy, stats.total, norm), stats)
 
-    def _measure(self, parameters, stats, norm):
-        """``(parameters, stats, norm)``, measuring what the caller did not pass."""
-        parameters = _once(parameters)
+    def _measure(self, parameters, stats):
+        """``(parameters, stats)``, measuring what the caller did not pass."""
         if stats is None or stats.norm_type != self.norm_type:
-            stats, norm, _ = measure(*named_grads(parameters), self.norm_type)  # float16 above 65504: float64
-        # The policy needs the norm as a number: one host sync per step, inherent to
-        # adaptive thresholds (a fixed threshold could avoid it, but then use clip_grad_norm_).
-        return parameters, stats, (float(stats.total) if norm is None else norm)
+            names, grads = named_grads(parameters)
+            norms, total, own = measure(grads, self.norm_type)
+            stats = GradStats(names, norms, total, None, self.norm_type)
+            stats.own_total = own
+        return parameters, stats
 
     @torch.no_grad()
-    def clip_to(self, parameters, threshold: float, stats=None, norm: float | None = None) -> ClipResult:
-        """Clip to a threshold decided elsewhere, without consulting the policy.
+    def clip_to(self, parameters, threshold, stats=None, norm: float | None = None) -> ClipResult:
+        """Clip to a threshold decided elsewhere (a number or a 0-d tensor), without consulting the policy.
 
         This is what :class:`~gradtools.torch.guard.GradGuard` calls: its decider asks the policy (so that a
         skipped step never enters the policy's history), then the clipper rescales.
@@ -326,19 +399,29 @@ class Clipper(ClipperBase):
         parameters = _once(parameters)
         if stats is None and not _grads_for_clip(parameters):
             return _nothing_to_clip(threshold)
-        parameters, stats, norm = self._measure(parameters, stats, norm)
+        parameters, stats = self._measure(parameters, stats)
         total = stats.total
-        if not math.isfinite(threshold):
+        if isinstance(threshold, (int, float)) and math.isinf(threshold):
             return ClipResult(total, total, threshold, False)
-        coef = self.rescale(parameters, threshold, total)
-        clipped = _factor_below_one(norm, threshold, total.dtype)
-        if clipped is None:  # half precision: read the factor applied (one more read from the device)
-            clipped = bool(coef < 1.0)
-        return ClipResult(total, total * coef, threshold, clipped)  # the norm scales linearly
+        coef = self.rescale(parameters, threshold, total, getattr(stats, "own_total", None))
+        return ClipResult(total, total * coef, threshold, coef < 1.0)  # the norm scales linearly
 
     @staticmethod
-    def rescale(parameters, threshold: float, total: torch.Tensor) -> torch.Tensor:
+    def rescale(parameters, threshold, total: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
         """Multiply the gradients by torch.nn.utils' factor ``min(1, threshold / (total + 1e-6))``,
-        whatever the norm (no host read), and return the factor."""
-        clip_grads_with_norm_(parameters, threshold, total)
-        return torch.clamp(threshold / (total + 1e-6), max=1.0)
+        whatever the norm (no host read), and return the factor.
+
+        ``own``: the norm in the gradients' own dtype (see :func:`~gradtools.torch.norms.device_norms`);
+        the factor is computed from it, as ``torch.nn.utils`` does, wherever it is finite."""
+        coef = _factor(threshold, total)
+        if own is not None and own is not total:
+            coef = torch.where(torch.isfinite(own), _factor(threshold, own).to(coef.dtype), coef)
+        for idx, use_foreach in device_groups(grads := _local_grads(parameters), None):
+            group = [grads[i] for i in idx]
+            c = coef if coef.device == group[0].device else coef.to(group[0].device)
+            if use_foreach:
+                torch._foreach_mul_(group, c)
+            else:
+                for g in group:
+                    g.mul_(c)
+        return coef

@@ -30,43 +30,73 @@ To watch the gradients, give the guard a :class:`~gradtools.torch.Monitor`
 (``monitor=``): it records the unscaled gradients before they are zeroed or
 clipped, and calls ``after_step()`` after the step, taken or skipped.
 
-A normal step reads one number from the device, the global norm: the guard, the
-spike detector and the clipping policy all decide on that float. Only a
-non-finite norm costs more (the per-parameter counts, to name the culprit).
+Host reads. The measurement, the spike detector, the clipping policy and the
+decision are tensor operations on the gradients' device (the maths is
+:mod:`gradtools.policies`' and :class:`gradtools.guard.StepDecider`'s, shared
+with ``gradtools.keras``), and the gradients are clipped by a factor computed
+there. What remains is taking the step or not:
+
+* ``sync=True`` (default): the guard reads one integer, the verdict, and calls
+  ``optimizer.step()`` only on a step it takes. An error (``action="raise"``,
+  ``TooManySkipsError``) is raised in that ``step()``.
+* ``sync=False``: no read at all. ``optimizer.step()`` always runs, and a
+  skipped step is undone on the device, ``torch.where(skip, before, after)``,
+  from a copy of the parameters and of the optimizer's state taken before it
+  (memory for one more copy of both; state the optimizer creates on a skipped
+  first step is left at zeros). Errors are raised at the next read of a
+  :class:`GuardResult` field, at :meth:`GradGuard.check`, or every
+  ``check_every`` steps, whichever comes first. This is how OLMo-core's
+  skip-step optimizers avoid the synchronisation, for any optimizer.
+
+Under a ``GradScaler`` the scaler reads its own found-inf flag in
+``scaler.step()``; the guard then reads the verdict too (``sync`` is ignored).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, field
 
 import torch
 
 from gradtools import _checks
-from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
+from gradtools.guard import NONFINITE, OK, OVERFLOW, REASONS, ZEROED, GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.policies import SpikeDetector
+from gradtools.stats import GradStats
 from gradtools.torch import _checks as _tchecks
+from gradtools.torch._ops import ops_on
 from gradtools.torch.monitor import Monitor
-from gradtools.torch.norms import GradStats, measure
+from gradtools.torch.norms import count_nonfinite_entries, local, measure
 
 __all__ = ["GradGuard", "NonFiniteGradientError", "TooManySkipsError", "GuardResult"]
 
 
-@dataclass
 class GuardResult:
-    """What ``GradGuard.step()`` did.
+    """What ``GradGuard.step()`` did; the fields are read from the device when read.
 
-    ``stepped``: whether the optimizer stepped; ``reason``: ``"ok"``, ``"zeroed"``,
-    ``"nonfinite"``, ``"spike"`` or ``"overflow"``; ``stats``: the gradient statistics
-    the decision was taken on (unscaled, before clipping); ``threshold``: the clipping
-    threshold applied (``inf``: none).
+    ``stepped``: whether the optimizer's step was taken; ``reason``: ``"ok"``,
+    ``"zeroed"``, ``"nonfinite"``, ``"spike"`` or ``"overflow"``; ``stats``: the
+    gradient statistics the decision was taken on (unscaled, before clipping);
+    ``threshold``: the clipping threshold applied (``inf``: none), a Python number
+    or a 0-d tensor; ``code``: the verdict as a 0-d tensor (an index into
+    :data:`gradtools.guard.REASONS`), for code that must not read it.
     """
 
-    stepped: bool
-    reason: str
-    stats: GradStats = field(repr=False)
-    threshold: float = math.inf
+    def __init__(self, code, stats, threshold=math.inf, guard=None, verdict: int | None = None):
+        self.code, self.stats, self.threshold, self._guard, self._verdict = code, stats, threshold, guard, verdict
+
+    def _read(self) -> int:
+        if self._verdict is None:
+            if self._guard is not None:
+                self._guard.check()  # a deferred error surfaces at the first read
+            self._verdict = int(self.code)
+        return self._verdict
+
+    stepped = property(lambda self: self._read() in (OK, ZEROED))
+    reason = property(lambda self: REASONS[self._read()])
+
+    def __repr__(self) -> str:
+        return f"GuardResult(code={self.code!r}, threshold={self.threshold!r})"
 
 
 # Which guard steps each GradScaler: a scaler shared by two guards would be updated twice a step.
@@ -110,6 +140,11 @@ class GradGuard(GuardBase):
         max_consecutive_overflows (int): with a scaler, non-finite gradients this
             many steps in a row are loss-scale overflows; one more, and ``action``
             applies. Default 32.
+        sync (bool): read the verdict (one integer) and call ``optimizer.step()`` only on
+            steps taken (True, default), or read nothing and undo skipped steps on the
+            device (False); see the module doc.
+        check_every (int): with ``sync=False``, read the recorded errors every this many
+            steps (and at the first read of a result), default 100.
 
     Example:
         >>> import torch
@@ -123,7 +158,7 @@ class GradGuard(GuardBase):
 
     def __init__(self, model, optimizer, action: str = "skip", spike: SpikeDetector | None = None,
                  max_consecutive_skips: int = 10, scaler=None, clipper=None, monitor=None,
-                 max_consecutive_overflows: int = 32):
+                 max_consecutive_overflows: int = 32, sync: bool = True, check_every: int = 100):
         _tchecks.module("model", model)
         _tchecks.optimizer("optimizer", optimizer, closure=False)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -149,6 +184,9 @@ class GradGuard(GuardBase):
         self.overflows = 0
         self.consecutive_nonfinite = 0  # non-finite steps in a row under an enabled scaler
         self._names: dict[int, str] = {}
+        self.sync = _checks.boolean("sync", sync)
+        self.check_every = _checks.integer("check_every", check_every, minimum=1)
+        self._alarm, self._unchecked, self._copies = None, 0, None
 
     def state_dict(self) -> dict:
         return {**self.decider.state_dict(), "overflows": self.overflows,
@@ -187,42 +225,156 @@ class GradGuard(GuardBase):
         scaler = self._scaler()
         if scaler is not None:
             _unscale_once(scaler, self.optimizer)
-        result, nonfinite = None, False
+        synced = self.sync or scaler is not None
+        result, verdict, overflowed, deferred = None, None, False, False
         try:
             if self.monitor is not None:
                 self.monitor.record()
-            stats, norm, first_bad = measure(names, grads, self.norm_type)  # one host read when finite
-            nonfinite, note = first_bad is not None, ""
-            if scaler is not None:
-                self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if nonfinite else 0
-                if nonfinite and self.consecutive_nonfinite <= self.max_consecutive_overflows:
-                    self.overflows += 1
-                    self.decider.overflow()
-                    result = GuardResult(False, "overflow", stats)
+            norms, total, own = measure(grads, self.norm_type, wide=not synced)
+            stats = GradStats(names, norms, total, None, self.norm_type)
+            stats.count_with(lambda: count_nonfinite_entries(grads))
+            nonfinite = ~torch.isfinite(total)
+            if scaler is not None and bool(nonfinite):
+                # the scaler reads its own flag anyway; its flag looks at the entries, not at the norm
+                overflowed = bool(stats.nonfinite.sum() > 0)
+                verdict = self._overflow(overflowed)
+                if verdict is not None:
+                    result = GuardResult(torch.tensor(OVERFLOW), stats, verdict=OVERFLOW)
                     return result
-                note = f" for {self.consecutive_nonfinite} consecutive steps under loss scaling"
-            bad_count = int(stats.nonfinite.sum()) if nonfinite else 0
-            decision = self.decider.decide(norm, first_bad, bad_count, note)
-            if decision.reason == "zero":
+            elif scaler is not None:
+                self._overflow(False)
+            if self.action == "zero":
+                stats.nonfinite = count_nonfinite_entries(grads)  # before zeroing, on the device
                 for g in grads:
-                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-                stats, norm, _ = measure(names, grads, self.norm_type)
-                decision = self.decider.after_zeroing(norm)
-            threshold = math.inf
-            if decision.proceed and self.clipper is not None:
-                threshold = decision.threshold
-                self.clipper.rescale(params, threshold, stats.total)  # clip_to's rescaling, without a report
-            result = GuardResult(decision.proceed, decision.reason, stats, threshold)
+                    torch.nan_to_num_(local(g), nan=0.0, posinf=0.0, neginf=0.0)
+                norms, total, own = measure(grads, self.norm_type, wide=not synced)
+            decide = self.decider.decide_arrays
+            xp = ops_on(total.device)
+            out = decide(total.to(torch.float64), nonfinite, xp, commit=not synced)
+            if synced:
+                verdict = self._read_verdict(out)
+                if verdict >= 16:  # a non-finite norm: of non-finite entries, or a float32 overflow?
+                    if not bool(stats.nonfinite.sum() > 0):  # finite entries: measure in float64
+                        norms, total = measure(grads, self.norm_type, wide=True, narrow=(norms, total, own))[:2]
+                        own = total
+                        stats.norms, stats.total, nonfinite = norms, total, torch.zeros((), dtype=torch.bool)
+                        out = decide(total.to(torch.float64), nonfinite, xp, commit=False)
+                        verdict = self._read_verdict(out)
+                out["commit"]()
+                verdict %= 16
+                self._raise_if_needed(verdict, stats)
+                verdict %= 8
+            threshold = out["threshold"] if self.clipper is not None else math.inf
+            if verdict in (None, OK, ZEROED) and not (isinstance(threshold, float) and math.isinf(threshold)):
+                self.clipper.rescale(params, threshold, total, own)  # clip_to's rescaling, without a report
+            result = GuardResult(out["code"], stats, threshold, verdict=verdict)
+            if not synced:
+                result._guard, deferred = self, True
+                self._watch(out, norms)
             return result
         finally:  # also when the decider raised: the scaler and the monitor always finish the step
-            self._finish(result is not None and result.stepped, nonfinite, scaler)
+            self._finish(result if deferred else None, verdict, scaler, params, overflowed)
 
-    def _finish(self, stepped: bool, nonfinite: bool, scaler) -> None:
-        """Step or not; leave the scaler as ``scaler.step(); scaler.update()`` would, or untouched on a skip."""
+    def _overflow(self, nonfinite: bool):
+        """Under loss scaling: ``"overflow"`` for an expected overflow, else None (decide as usual)."""
+        self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if nonfinite else 0
+        if nonfinite and self.consecutive_nonfinite <= self.max_consecutive_overflows:
+            self.overflows += 1
+            self.decider.overflow()
+            return "overflow"
+        return None
+
+    @staticmethod
+    def _read_verdict(out) -> int:
+        """The decision as one integer read: the code, +8 if too many skips, +16 if the norm is not finite."""
+        return int(out["code"] + 8 * out["too_many"].to(torch.int64)
+                   + 16 * (~torch.isfinite(out["norm"])).to(torch.int64))
+
+    def _raise_if_needed(self, packed: int, stats) -> None:
+        """Raise what a decision read on the host calls for (reading more, to say what went wrong)."""
+        code, too_many = packed % 8, packed >= 8
+        if (code == NONFINITE and self.action == "raise") or too_many:
+            note = ""
+            if self._scaler() is not None:
+                note = f" for {self.consecutive_nonfinite} consecutive steps under loss scaling"
+            bad = stats.first_nonfinite() if code == NONFINITE else None
+            count = int(stats.nonfinite.sum()) if code == NONFINITE else None
+            self.decider.raise_for(code, too_many, bad, count, note)
+
+    # ------------------------------------------------------------------ sync=False: no reads
+    def _watch(self, out, norms) -> None:
+        """Remember, on the device, the first step that calls for an error; check every ``check_every``."""
+        alarm = (out["code"] == NONFINITE) & (self.action == "raise")
+        kind = torch.where(alarm, 1, torch.where(out["too_many"], 2, 0))
+        if self._alarm is None:
+            self._alarm = torch.zeros(3, dtype=torch.int64, device=norms.device)
+        first = (self._alarm[0] == 0) & (kind != 0)
+        row = torch.stack([kind, self.decider.arrays(ops_on(norms.device))["steps"],
+                           torch.argmax((~torch.isfinite(norms)).to(torch.int64))])
+        self._alarm.copy_(torch.where(first, row, self._alarm))
+        self._unchecked += 1
+        if self._unchecked >= self.check_every:
+            self.check()
+
+    def check(self) -> None:
+        """Raise the first error a step without host reads (``sync=False``) has recorded, if any.
+
+        Reads three integers. Called every ``check_every`` steps and at the first read of a
+        :class:`GuardResult` field; call it yourself, e.g. at a logging step.
+        """
+        self._unchecked = 0
+        if self._alarm is None:
+            return
+        kind, step, index = (int(v) for v in self._alarm.tolist())
+        if kind == 0:
+            return
+        self._alarm.zero_()
+        if kind == 1:
+            names = self._owned_grads()[0]
+            raise NonFiniteGradientError(f"non-finite gradient at step {step}: first in parameter "
+                                         f"{names[index] if index < len(names) else index!r} (action='raise'; "
+                                         "the step was not taken)")
+        limit = self.decider.max_consecutive_skips
+        raise TooManySkipsError(f"skipped {limit} consecutive steps (the last at step {step}); "
+                                f"max_consecutive_skips={limit}. Lower the learning rate or inspect the data.")
+
+    def _undo_buffers(self, params) -> list:
+        """Pairs (tensor, copy) of everything ``optimizer.step()`` changes: parameters and state tensors."""
+        tensors = [local(p) for p in params]
+        for p in params:
+            tensors += [local(v) for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        key = tuple(id(t) for t in tensors)
+        if self._copies is None or self._copies[0] != key:
+            self._copies = (key, [torch.empty_like(t) for t in tensors])
+        copies = self._copies[1]
+        torch._foreach_copy_(copies, tensors)
+        return list(zip(tensors, copies))
+
+    def _step_or_undo(self, code, params) -> None:
+        """``optimizer.step()``, undone on the device where ``code`` says skip."""
+        saved = self._undo_buffers(params)
+        known = {id(t) for t, _ in saved}
+        self.optimizer.step()
+        take = (code == OK) | (code == ZEROED)
+        for t, copy in saved:
+            t.copy_(torch.where(take, t, copy))
+        for p in params:  # state created by this very step (the first): zeros when it is skipped
+            for v in self.optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor) and id(local(v)) not in known:
+                    local(v).mul_(take.to(v.dtype))
+
+    def _finish(self, deferred, verdict, scaler, params, overflowed: bool) -> None:
+        """Step or not; leave the scaler as ``scaler.step(); scaler.update()`` would, or untouched on a skip.
+
+        ``deferred``: the result of a step decided without a read (``sync=False``), else None."""
+        stepped = verdict in (OK, ZEROED)
         if scaler is None:
-            if stepped:
+            if deferred is not None:
+                self._step_or_undo(deferred.code, params)
+            elif stepped:
                 self.optimizer.step()
-        elif nonfinite:  # unscale_ found inf/nan: the scaler lowers its scale, as in the plain loop
+        elif overflowed:
+            # unscale_ found inf/nan: the scaler lowers its scale, as in the plain loop
             if stepped:
                 self.optimizer.step()  # action "zero": the entries were zeroed; scaler.step would skip
             else:
@@ -232,7 +384,7 @@ class GradGuard(GuardBase):
             scaler.step(self.optimizer)
             scaler.update()
         else:
-            # A skip that is no overflow (a spike): end the scaler's step, keep its scale and growth tracker.
+            # A skip that is no overflow (a spike) or an error: end the scaler's step, keep its scale.
             scaler.update(scaler.get_scale())
         if self.monitor is not None:
             self.monitor.after_step()

@@ -7,15 +7,21 @@ and the number of non-finite entries per parameter. Nothing is copied to the
 host: read a field with ``float()`` / ``.tolist()`` or call ``as_dict()`` when a
 human needs the numbers.
 
-Non-finite entries are counted exactly only when they can exist: a finite
-global norm proves that every entry is finite, so the counts are zeros without
-touching the gradients again. Checking that costs one scalar read (free on CPU,
-one small device-to-host copy on an accelerator; pass ``count_nonfinite=False``
-to avoid even that). When the norm is not finite, the entries are counted in
-int64, exact in every dtype. A norm can also be infinite while every entry is
-finite: a float16 gradient whose norm exceeds 65504. The guard and the
-``Clipper`` then measure again in float64 (:func:`stats_in_float64`); the
-``torch.nn.utils`` twins return what ``torch.nn.utils`` returns (``inf``).
+Non-finite entries are counted exactly, in int64, but only when they are read
+(``stats.nonfinite``, ``as_dict()``): a finite global norm proves every entry
+finite, so the counts are zeros without touching the gradients again, and
+measuring alone costs no more than ``torch.nn.utils.get_total_norm``. Read them
+before the gradients change (the guard and the monitor do).
+
+Sharded parameters (FSDP2's ``fully_shard``, any ``DTensor``): each rank takes
+the norms of its own shards, and one collective for all parameters together
+(per mesh dimension that shards something) turns them into the full norms, the
+same on every rank and equal to those of the unsharded model.
+
+The guard and the ``Clipper`` measure half-precision gradients with float32
+accumulation (:func:`device_norms`): a float16 gradient whose entries are
+finite but whose norm exceeds 65504 is no overflow. The ``torch.nn.utils``
+twins return what ``torch.nn.utils`` returns (``inf``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from gradtools import _checks
 from gradtools.stats import GradStats
 
 __all__ = ["named_grads", "grad_stats", "stats_of", "count_nonfinite_entries", "get_total_norm", "GradStats", "snapshot",
-           "update_ratios"]
+           "update_ratios", "device_norms", "is_dtensor", "local"]
 
 
 def _named_parameters(parameters, arg: str = "parameters") -> list[tuple[str, torch.Tensor]]:
@@ -105,21 +111,86 @@ def device_groups(tensors: list[torch.Tensor], foreach: bool | None):
         yield idx, (foreach if foreach is not None else device.type in _FOREACH_DEVICES)
 
 
-def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> list[torch.Tensor]:
-    """Per-tensor norms, grouped by device and dtype like torch.nn.utils does."""
+def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None,
+                   dtype=None) -> list[torch.Tensor]:
+    """Per-tensor norms, grouped by device and dtype like torch.nn.utils does (full norms of DTensors)."""
+    if any(is_dtensor(t) for t in tensors):
+        return _full_norms(_foreach_norms([local(t) for t in tensors], norm_type, foreach, dtype), tensors, norm_type)
     first = tensors[0]
     if foreach is not False and first.device.type in _FOREACH_DEVICES and all(
             t.device == first.device and t.dtype == first.dtype for t in tensors):
-        return list(torch._foreach_norm(tensors, norm_type))  # the common case: one group
+        return list(torch._foreach_norm(tensors, norm_type, dtype=dtype))  # the common case: one group
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for idx, use_foreach in device_groups(tensors, foreach):
         group = [tensors[i] for i in idx]
-        norms = torch._foreach_norm(group, norm_type) if use_foreach else [
-            torch.linalg.vector_norm(t, norm_type) for t in group
+        norms = torch._foreach_norm(group, norm_type, dtype=dtype) if use_foreach else [
+            torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in group
         ]
         for i, n in zip(idx, norms):
             out[i] = n
     return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- sharded tensors
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except (ImportError, AttributeError):  # pragma: no cover - a torch built without distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a sharded or replicated tensor)."""
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (``t`` itself unless it is a DTensor); in-place changes reach ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _shard_masks(tensors) -> list:
+    """``(process group, mask)`` per mesh dimension along which some tensor is sharded."""
+    from torch.distributed.tensor import Shard
+
+    meshes = {t.device_mesh for t in tensors if is_dtensor(t)}
+    if len(meshes) > 1:
+        raise ValueError(f"the gradients live on {len(meshes)} different device meshes; gradtools needs them on one")
+    mesh = meshes.pop()
+    out = []
+    for dim in range(mesh.ndim):
+        mask = [is_dtensor(t) and isinstance(t.placements[dim], Shard) for t in tensors]
+        if any(mask):
+            out.append((mesh.get_group(dim), mask))
+    return out
+
+
+def _all_reduce(values: torch.Tensor, tensors, op) -> torch.Tensor:
+    """Combine per-tensor partial values across the ranks that hold the other shards: one collective
+    per sharded mesh dimension, for all tensors together."""
+    import torch.distributed as dist
+
+    for group, mask in _shard_masks(tensors):
+        keep = torch.tensor(mask, device=values.device)
+        part = torch.where(keep, values, torch.zeros_like(values))
+        dist.all_reduce(part, op=op, group=group)
+        values = torch.where(keep, part, values)
+    return values
+
+
+def _full_norms(norms: list[torch.Tensor], tensors, norm_type: float) -> list[torch.Tensor]:
+    """The full norms from the local shards' norms (sums of p-th powers, or maxima for inf)."""
+    import torch.distributed as dist
+
+    vec = _stack(norms)
+    if math.isinf(norm_type):
+        return list(_all_reduce(vec, tensors, dist.ReduceOp.MAX).unbind())
+    powered = _all_reduce(vec.double() ** norm_type, tensors, dist.ReduceOp.SUM)
+    return list((powered ** (1.0 / norm_type)).to(vec.dtype).unbind())
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -137,7 +208,7 @@ def _torch_order(tensors: list[torch.Tensor]) -> list[int] | None:
 
 def _total(norms: list[torch.Tensor], norm_type: float, tensors: list[torch.Tensor]) -> torch.Tensor:
     """The norm of the per-tensor norms, summed in ``torch.nn.utils``' order (bit-identical to it)."""
-    order = _torch_order(tensors)
+    order = None if any(is_dtensor(t) for t in tensors) else _torch_order(tensors)
     return torch.linalg.vector_norm(_stack(norms if order is None else [norms[i] for i in order]), norm_type)
 
 
@@ -147,7 +218,12 @@ def count_nonfinite_entries(grads: list[torch.Tensor]) -> torch.Tensor:
     Counted in int64 (``(~isfinite(g)).sum()``): a count taken in the gradient's own
     dtype would stop at 2048 in float16 and at 256 in bfloat16.
     """
-    return _stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads])
+    counts = _stack([torch.count_nonzero(~torch.isfinite(local(g))) for g in grads])
+    if any(is_dtensor(g) for g in grads):
+        import torch.distributed as dist
+
+        counts = _all_reduce(counts, grads, dist.ReduceOp.SUM)
+    return counts
 
 
 def _raise_nonfinite(norm_type: float) -> None:
@@ -210,46 +286,55 @@ def stats_of(names: list, grads: list, norm_type: float = 2.0, count_nonfinite: 
              foreach: bool | None = None) -> GradStats:
     """:func:`grad_stats` on gradients already collected (no argument checks; for per-step loops)."""
     norms = _foreach_norms(grads, norm_type, foreach)
-    stacked = _stack(norms)  # in the parameters' order, for the names
-    total = _total(norms, norm_type, grads)
-    nonfinite = None
+    stats = GradStats(names, _stack(norms), _total(norms, norm_type, grads), None, norm_type)
     if count_nonfinite:
-        if bool(torch.isfinite(total)):
-            nonfinite = torch.zeros(len(grads), dtype=torch.int64, device=stacked.device)
-        else:
-            nonfinite = count_nonfinite_entries(grads)
-    return GradStats(names, stacked, total, nonfinite, norm_type)
+        stats.count_with(lambda: _nonfinite_counts(stats.total, grads))
+    return stats
 
 
-def stats_in_float64(names: list, grads: list, norm_type: float = 2.0) -> GradStats:
-    """:func:`stats_of` with the norms accumulated in float64, and no non-finite entries.
+def _nonfinite_counts(total: torch.Tensor, grads: list) -> torch.Tensor:
+    """Exact counts, computed only when the global norm says some entry may be non-finite."""
+    if bool(torch.isfinite(total)):
+        return torch.zeros(len(grads), dtype=torch.int64, device=total.device)
+    return count_nonfinite_entries(grads)
 
-    For gradients whose entries are all finite but whose norm overflows their own
-    dtype (above 65504 in float16, 3.4e38 in float32): the true norm, not ``inf``.
+
+def device_norms(grads: list, norm_type: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(norms, total, own)`` for the guard and the clipper, with no read from the device.
+
+    ``own`` is the global norm ``torch.nn.utils`` computes, in the gradients' dtype; the clip
+    factor is computed from it, so that clipping is bit-identical to ``clip_grad_norm_``.
+    ``norms`` and ``total`` are the same numbers, except that half-precision gradients also
+    accumulate in float32 (one pass, from which torch's own half-precision norms are rounded):
+    where a float16 norm overflows (entries finite, norm above 65504) they hold the float32
+    one. So ``total`` is non-finite exactly when some entry is.
     """
-    norms = _stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float64) for g in grads])
-    total = torch.linalg.vector_norm(norms, norm_type)
-    return GradStats(names, norms, total, torch.zeros(len(grads), dtype=torch.int64, device=norms.device),
-                     norm_type)
+    if not any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
+        norms = _foreach_norms(grads, norm_type, None)
+        total = _total(norms, norm_type, grads)
+        return _stack(norms), total, total
+    wide = _foreach_norms(grads, norm_type, None, torch.float32)
+    narrow = [n.to(g.dtype) for n, g in zip(wide, grads)]  # what torch._foreach_norm returns for them
+    own = _total(narrow, norm_type, grads)
+    wide_total = _total(wide, norm_type, grads)
+    norms = torch.where(torch.isfinite(_stack(narrow)), _stack(narrow).to(torch.float32), _stack(wide))
+    return norms, torch.where(torch.isfinite(own), own.to(torch.float32), wide_total), own
 
 
-def measure(names: list, grads: list, norm_type: float = 2.0) -> tuple[GradStats, float, str | None]:
-    """``(stats, norm, first_bad)``: the statistics, the global norm as a float (the one host
-    read of a finite step), and the first parameter with a non-finite entry, or None.
-
-    The verdict "non-finite" comes from the entries, never from a norm that overflowed its
-    dtype: finite entries with an infinite norm are measured again in float64.
-    """
-    stats = stats_of(names, grads, norm_type, count_nonfinite=False)
-    norm = float(stats.total)
-    if math.isfinite(norm):
-        return stats, norm, None
-    stats.nonfinite = count_nonfinite_entries(grads)
-    first_bad = stats.first_nonfinite()
-    if first_bad is None:
-        stats = stats_in_float64(names, grads, norm_type)
-        norm = float(stats.total)
-    return stats, norm, first_bad
+def measure(grads: list, norm_type: float = 2.0, wide: bool = True, narrow=None):
+    """:func:`device_norms`, and with ``wide`` float32 norms that overflow (finite entries above
+    about 1.8e19) replaced by float64 ones: a second pass over the float32 gradients, the price
+    of telling such a gradient from a non-finite one without reading anything from the device.
+    Half precision is measured wide already. ``narrow``: the :func:`device_norms` already taken."""
+    norms, total, own = narrow if narrow is not None else device_norms(grads, norm_type)
+    if not wide or all(g.dtype != torch.float32 for g in grads):
+        return norms, total, own
+    wide = _foreach_norms(grads, norm_type, None, torch.float64)  # accumulated in float64, no copy
+    wide_norms, wide_total = _stack(wide), _total(wide, norm_type, grads)
+    if narrow is not None:
+        return wide_norms, wide_total, wide_total
+    return (torch.where(torch.isfinite(norms), norms.double(), wide_norms),
+            torch.where(torch.isfinite(total), total.double(), wide_total), own)
 
 
 @torch.no_grad()
@@ -270,7 +355,7 @@ def update_ratios(parameters, before: list[torch.Tensor], eps: float = 1e-12) ->
     if len(params) != len(before):
         raise ValueError(f"before holds {len(before)} tensors but parameters has {len(params)}")
     diffs = torch._foreach_sub(params, before)
-    num = _stack(torch._foreach_norm(diffs, 2.0))
-    den = _stack(torch._foreach_norm(before, 2.0))
+    num = _stack(_foreach_norms(diffs, 2.0, None))
+    den = _stack(_foreach_norms(before, 2.0, None))
     return num / (den + eps)
 

@@ -176,7 +176,8 @@ def _clip(model, clipper, agc):
     if clipper is not None:
         result = clipper(model)
         # the decision, norm > threshold, on the host: the same flag as gradtools.keras.train's
-        threshold, clipped = result.threshold, torch.tensor(float(result.norm_before) > result.threshold)
+        threshold = float(result.threshold)
+        clipped = torch.tensor(float(result.norm_before) > threshold)
     if agc is not None:
         clipped = clipped | (adaptive_clip_grad_(model, agc) > 0)
     return threshold, clipped
