@@ -72,7 +72,7 @@ class TorchOps:
 
     @staticmethod
     def take(x, index):
-        return x[index]
+        return torch.index_select(x, 0, index.reshape(1)).reshape(())
 
     @staticmethod
     def to_numpy(x) -> np.ndarray:

@@ -220,17 +220,25 @@ class GradGuard(GuardBase):
 
     @torch.no_grad()
     def step(self) -> GuardResult:
-        """Check the gradients, then step the optimizer or skip. Returns what happened."""
+        """Check the gradients, then step the optimizer or skip. Returns what happened.
+
+        With ``sync=False`` (and no scaler) this is :meth:`decide` then :meth:`apply`.
+        """
+        if not self.sync and self._scaler() is None:
+            if self.monitor is not None:
+                self.monitor.record()
+            result = self.decide()
+            self.apply(result)
+            return result
         names, params, grads = self._owned_grads()
         scaler = self._scaler()
         if scaler is not None:
             _unscale_once(scaler, self.optimizer)
-        synced = self.sync or scaler is not None
-        result, verdict, overflowed, deferred = None, None, False, False
+        result, verdict, overflowed = None, None, False
         try:
             if self.monitor is not None:
                 self.monitor.record()
-            norms, total, own = measure(grads, self.norm_type, wide=not synced)
+            norms, total, own = measure(grads, self.norm_type, wide=False)  # the rare overflow: below
             stats = GradStats(names, norms, total, None, self.norm_type)
             stats.count_with(lambda: count_nonfinite_entries(grads))
             nonfinite = ~torch.isfinite(total)
@@ -247,33 +255,71 @@ class GradGuard(GuardBase):
                 stats.nonfinite = count_nonfinite_entries(grads)  # before zeroing, on the device
                 for g in grads:
                     torch.nan_to_num_(local(g), nan=0.0, posinf=0.0, neginf=0.0)
-                norms, total, own = measure(grads, self.norm_type, wide=not synced)
-            decide = self.decider.decide_arrays
+                norms, total, own = measure(grads, self.norm_type, wide=False)
             xp = ops_on(total.device)
-            out = decide(total.to(torch.float64), nonfinite, xp, commit=not synced)
-            if synced:
+            out = self.decider.decide_arrays(total.to(torch.float64), nonfinite, xp, commit=False)
+            verdict = self._read_verdict(out)  # the one read of a step with a finite norm
+            if verdict >= 16 and not bool(stats.nonfinite.sum() > 0):
+                # a non-finite norm of finite entries: a float32 overflow; measure again in float64
+                norms, total = measure(grads, self.norm_type, wide=True, narrow=(norms, total, own))[:2]
+                own, nonfinite = total, torch.zeros((), dtype=torch.bool, device=total.device)
+                stats.norms, stats.total = norms, total
+                out = self.decider.decide_arrays(total.to(torch.float64), nonfinite, xp, commit=False)
                 verdict = self._read_verdict(out)
-                if verdict >= 16:  # a non-finite norm: of non-finite entries, or a float32 overflow?
-                    if not bool(stats.nonfinite.sum() > 0):  # finite entries: measure in float64
-                        norms, total = measure(grads, self.norm_type, wide=True, narrow=(norms, total, own))[:2]
-                        own = total
-                        stats.norms, stats.total, nonfinite = norms, total, torch.zeros((), dtype=torch.bool)
-                        out = decide(total.to(torch.float64), nonfinite, xp, commit=False)
-                        verdict = self._read_verdict(out)
-                out["commit"]()
-                verdict %= 16
-                self._raise_if_needed(verdict, stats)
-                verdict %= 8
+            out["commit"]()
+            self._raise_if_needed(verdict % 16, stats)
+            verdict %= 8
             threshold = out["threshold"] if self.clipper is not None else math.inf
-            if verdict in (None, OK, ZEROED) and not (isinstance(threshold, float) and math.isinf(threshold)):
+            if verdict in (OK, ZEROED) and not (isinstance(threshold, float) and math.isinf(threshold)):
                 self.clipper.rescale(params, threshold, total, own)  # clip_to's rescaling, without a report
             result = GuardResult(out["code"], stats, threshold, verdict=verdict)
-            if not synced:
-                result._guard, deferred = self, True
-                self._watch(out, norms)
             return result
         finally:  # also when the decider raised: the scaler and the monitor always finish the step
-            self._finish(result if deferred else None, verdict, scaler, params, overflowed)
+            self._finish(verdict, scaler, overflowed)
+
+    @torch.no_grad()
+    def decide(self) -> GuardResult:
+        """The read-free half of ``step()`` of a guard built with ``sync=False``: measure, decide and clip.
+
+        Everything is a tensor operation on the gradients' device, so this compiles with
+        ``torch.compile(guard.decide, fullgraph=True)``; then :meth:`apply` takes the step or
+        undoes it. A monitor given to the guard records in ``step()``, not here.
+
+        Float32 gradients are measured twice (as ``torch.nn.utils`` does, and accumulated in
+        float64), so that finite entries whose float32 norm overflows are clipped, not skipped.
+        """
+        if self.sync or self._scaler() is not None:
+            raise ValueError("decide() is for a guard built with sync=False and no GradScaler: with sync=True "
+                             "(or a scaler) step() reads the verdict to call optimizer.step() only on a step taken")
+        names, params, grads = self._owned_grads()
+        norms, total, own = measure(grads, self.norm_type, wide=True)
+        stats = GradStats(names, norms, total, None, self.norm_type)
+        stats.count_with(lambda: count_nonfinite_entries(grads))
+        nonfinite = ~torch.isfinite(total)
+        if self.action == "zero":
+            stats.nonfinite = count_nonfinite_entries(grads)  # before zeroing, on the device
+            for g in grads:
+                torch.nan_to_num_(local(g), nan=0.0, posinf=0.0, neginf=0.0)
+            norms, total, own = measure(grads, self.norm_type, wide=True)
+        out = self.decider.decide_arrays(total.to(torch.float64), nonfinite, ops_on(total.device))
+        threshold = out["threshold"] if self.clipper is not None else math.inf
+        if not (isinstance(threshold, float) and math.isinf(threshold)):
+            self.clipper.rescale(params, threshold, total, own)  # a skipped step is undone anyway
+        self._watch(out, norms)
+        return GuardResult(out["code"], stats, threshold, guard=self)
+
+    @torch.no_grad()
+    def apply(self, result: GuardResult) -> None:
+        """Take the step :meth:`decide` decided: ``optimizer.step()``, undone on the device if it was
+        a skip (no read). Every ``check_every`` steps, raise a recorded error (:meth:`check`)."""
+        try:
+            self._step_or_undo(result.code, self._owned_grads()[1])
+            self._unchecked += 1
+            if self._unchecked >= self.check_every:
+                self.check()
+        finally:
+            if self.monitor is not None:
+                self.monitor.after_step()
 
     def _overflow(self, nonfinite: bool):
         """Under loss scaling: ``"overflow"`` for an expected overflow, else None (decide as usual)."""
@@ -312,9 +358,6 @@ class GradGuard(GuardBase):
         row = torch.stack([kind, self.decider.arrays(ops_on(norms.device))["steps"],
                            torch.argmax((~torch.isfinite(norms)).to(torch.int64))])
         self._alarm.copy_(torch.where(first, row, self._alarm))
-        self._unchecked += 1
-        if self._unchecked >= self.check_every:
-            self.check()
 
     def check(self) -> None:
         """Raise the first error a step without host reads (``sync=False``) has recorded, if any.
@@ -363,18 +406,13 @@ class GradGuard(GuardBase):
                 if isinstance(v, torch.Tensor) and id(local(v)) not in known:
                     local(v).mul_(take.to(v.dtype))
 
-    def _finish(self, deferred, verdict, scaler, params, overflowed: bool) -> None:
-        """Step or not; leave the scaler as ``scaler.step(); scaler.update()`` would, or untouched on a skip.
-
-        ``deferred``: the result of a step decided without a read (``sync=False``), else None."""
+    def _finish(self, verdict, scaler, overflowed: bool) -> None:
+        """Step or not; leave the scaler as ``scaler.step(); scaler.update()`` would, or untouched on a skip."""
         stepped = verdict in (OK, ZEROED)
         if scaler is None:
-            if deferred is not None:
-                self._step_or_undo(deferred.code, params)
-            elif stepped:
+            if stepped:
                 self.optimizer.step()
-        elif overflowed:
-            # unscale_ found inf/nan: the scaler lowers its scale, as in the plain loop
+        elif overflowed:  # unscale_ found inf/nan: the scaler lowers its scale, as in the plain loop
             if stepped:
                 self.optimizer.step()  # action "zero": the entries were zeroed; scaler.step would skip
             else:
