@@ -381,30 +381,30 @@ class GradGuard(GuardBase):
         raise TooManySkipsError(f"skipped {limit} consecutive steps (the last at step {step}); "
                                 f"max_consecutive_skips={limit}. Lower the learning rate or inspect the data.")
 
-    def _undo_buffers(self, params) -> list:
-        """Pairs (tensor, copy) of everything ``optimizer.step()`` changes: parameters and state tensors."""
-        tensors = [local(p) for p in params]
-        for p in params:
-            tensors += [local(v) for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-        key = tuple(id(t) for t in tensors)
-        if self._copies is None or self._copies[0] != key:
-            self._copies = (key, [torch.empty_like(t) for t in tensors])
-        copies = self._copies[1]
-        torch._foreach_copy_(copies, tensors)
-        return list(zip(tensors, copies))
+    def _state_tensors(self, params) -> list:
+        """Every tensor ``optimizer.step()`` changes: the parameters and their state tensors."""
+        return list(params) + [v for p in params for v in self.optimizer.state.get(p, {}).values()
+                               if isinstance(v, torch.Tensor)]
 
     def _step_or_undo(self, code, params) -> None:
-        """``optimizer.step()``, undone on the device where ``code`` says skip."""
-        saved = self._undo_buffers(params)
-        known = {id(t) for t, _ in saved}
+        """``optimizer.step()``, undone on the device where ``code`` says skip (no read).
+
+        The copies are allocated once and refilled every step; state the optimizer creates in
+        this very step (its first) is set to zeros when the step is skipped."""
+        tensors = self._state_tensors(params)
+        key = tuple(id(t) for t in tensors)
+        if self._copies is None or self._copies[0] != key:
+            self._copies = (key, [torch.empty_like(local(t)) for t in tensors])
+        copies = self._copies[1]
+        torch._foreach_copy_(copies, [local(t) for t in tensors])
         self.optimizer.step()
         take = (code == OK) | (code == ZEROED)
-        for t, copy in saved:
-            t.copy_(torch.where(take, t, copy))
-        for p in params:  # state created by this very step (the first): zeros when it is skipped
-            for v in self.optimizer.state.get(p, {}).values():
-                if isinstance(v, torch.Tensor) and id(local(v)) not in known:
-                    local(v).mul_(take.to(v.dtype))
+        for t, copy in zip(tensors, copies):
+            local(t).copy_(torch.where(take, local(t), copy))
+        known = set(key)
+        for t in self._state_tensors(params):
+            if id(t) not in known:
+                local(t).mul_(take.to(t.dtype))
 
     def _finish(self, verdict, scaler, overflowed: bool) -> None:
         """Step or not; leave the scaler as ``scaler.step(); scaler.update()`` would, or untouched on a skip."""
