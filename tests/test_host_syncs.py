@@ -46,6 +46,24 @@ class HostReads(TorchFunctionMode):
 _MODE = []
 
 
+@pytest.fixture(autouse=True)
+def as_on_an_accelerator(monkeypatch):
+    """The guard decides with NumPy when the gradients are on the CPU, where reading the norm costs
+    nothing; these tests count what it reads where reads cost: with the maths on the device."""
+    monkeypatch.setattr(gt.GradGuard, "host_maths_on_cpu", False)
+
+
+def test_on_the_cpu_the_guard_reads_the_norm_once_and_decides_with_numpy(monkeypatch):
+    monkeypatch.setattr(gt.GradGuard, "host_maths_on_cpu", True)
+    model = tiny_mlp(sizes=(5, 7, 7, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    guard = gt.GradGuard(model, opt, spike=SpikeDetector(min_history=2), clipper=gt.Clipper("zclip"))
+    for step in range(4):
+        backward(model, seed=step, scale=10.0)
+        calls, result = _count(guard.step)
+        assert result.stepped and calls == ["__float__"], calls
+
+
 def _count(fn):
     with HostReads() as mode:
         _MODE.append(mode)

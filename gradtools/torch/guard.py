@@ -57,16 +57,18 @@ from __future__ import annotations
 import math
 import weakref
 
+import numpy as np
 import torch
 
 from gradtools import _checks
+from gradtools._ops import NUMPY
 from gradtools.guard import NONFINITE, OK, OVERFLOW, REASONS, ZEROED, GuardBase, NonFiniteGradientError, TooManySkipsError
 from gradtools.policies import SpikeDetector
 from gradtools.stats import GradStats
 from gradtools.torch import _checks as _tchecks
 from gradtools.torch._ops import ops_on
 from gradtools.torch.monitor import Monitor
-from gradtools.torch.norms import count_nonfinite_entries, local, measure
+from gradtools.torch.norms import count_nonfinite_entries, local, measure, nonfinite_counts
 
 __all__ = ["GradGuard", "NonFiniteGradientError", "TooManySkipsError", "GuardResult"]
 
@@ -236,11 +238,11 @@ class GradGuard(GuardBase):
             _unscale_once(scaler, self.optimizer)
         result, verdict, overflowed = None, None, False
         try:
-            if self.monitor is not None:
-                self.monitor.record()
             norms, total, own = measure(grads, self.norm_type, wide=False)  # the rare overflow: below
             stats = GradStats(names, norms, total, None, self.norm_type)
-            stats.count_with(lambda: count_nonfinite_entries(grads))
+            stats.count_with(lambda: nonfinite_counts(total, grads))
+            if self.monitor is not None:
+                self.monitor.record(stats)  # the same measurement, before zeroing and clipping
             nonfinite = ~torch.isfinite(total)
             if scaler is not None and bool(nonfinite):
                 # the scaler reads its own flag anyway; its flag looks at the entries, not at the norm
@@ -256,15 +258,14 @@ class GradGuard(GuardBase):
                 for g in grads:
                     torch.nan_to_num_(local(g), nan=0.0, posinf=0.0, neginf=0.0)
                 norms, total, own = measure(grads, self.norm_type, wide=False)
-            xp = ops_on(total.device)
-            out = self.decider.decide_arrays(total.to(torch.float64), nonfinite, xp, commit=False)
+            out = self._decide_read(total, nonfinite)
             verdict = self._read_verdict(out)  # the one read of a step with a finite norm
             if verdict >= 16 and not bool(stats.nonfinite.sum() > 0):
                 # a non-finite norm of finite entries: a float32 overflow; measure again in float64
                 norms, total = measure(grads, self.norm_type, wide=True, narrow=(norms, total, own))[:2]
                 own, nonfinite = total, torch.zeros((), dtype=torch.bool, device=total.device)
                 stats.norms, stats.total = norms, total
-                out = self.decider.decide_arrays(total.to(torch.float64), nonfinite, xp, commit=False)
+                out = self._decide_read(total, nonfinite)
                 verdict = self._read_verdict(out)
             out["commit"]()
             self._raise_if_needed(verdict % 16, stats)
@@ -294,7 +295,7 @@ class GradGuard(GuardBase):
         names, params, grads = self._owned_grads()
         norms, total, own = measure(grads, self.norm_type, wide=True)
         stats = GradStats(names, norms, total, None, self.norm_type)
-        stats.count_with(lambda: count_nonfinite_entries(grads))
+        stats.count_with(lambda: nonfinite_counts(total, grads))
         nonfinite = ~torch.isfinite(total)
         if self.action == "zero":
             stats.nonfinite = count_nonfinite_entries(grads)  # before zeroing, on the device
@@ -330,11 +331,30 @@ class GradGuard(GuardBase):
             return "overflow"
         return None
 
+    #: Decide with NumPy on the host when the gradients are on the CPU (``sync=True``): reading
+    #: the norm costs nothing there, and a hundred scalar NumPy operations cost less than a
+    #: hundred tensor operations. On an accelerator the maths runs on the device.
+    host_maths_on_cpu = True
+
+    def _decide_read(self, total, nonfinite) -> dict:
+        """The decision of a step whose verdict is read: on the host for CPU gradients, else on the device."""
+        if total.device.type == "cpu" and self.host_maths_on_cpu:
+            norm = float(total)  # the one read, free on the CPU
+            # the norm tells whether the entries were finite, except after zeroing them (one more read)
+            bad = bool(nonfinite) if self.action == "zero" else not math.isfinite(norm)
+            out = NUMPY.run(self.decider.decide_arrays, np.float64(norm), np.bool_(bad), NUMPY, False)
+            threshold = out["threshold"]
+            out["threshold"] = threshold if isinstance(threshold, float) else float(threshold)
+            return out
+        return self.decider.decide_arrays(total.to(torch.float64), nonfinite, ops_on(total.device), commit=False)
+
     @staticmethod
     def _read_verdict(out) -> int:
         """The decision as one integer read: the code, +8 if too many skips, +16 if the norm is not finite."""
-        return int(out["code"] + 8 * out["too_many"].to(torch.int64)
-                   + 16 * (~torch.isfinite(out["norm"])).to(torch.int64))
+        if isinstance(out["code"], torch.Tensor):
+            return int(out["code"] + 8 * out["too_many"].to(torch.int64)
+                       + 16 * (~torch.isfinite(out["norm"])).to(torch.int64))
+        return int(out["code"]) + 8 * bool(out["too_many"]) + 16 * (not math.isfinite(out["norm"]))
 
     def _raise_if_needed(self, packed: int, stats) -> None:
         """Raise what a decision read on the host calls for (reading more, to say what went wrong)."""

@@ -63,8 +63,11 @@ class Monitor:
         self._before = None
         self._params = _named_parameters(model, "model")  # resolved once
 
-    def record(self) -> bool:
-        """Call after ``backward()`` and before ``optimizer.step()``. Returns True if sampled."""
+    def record(self, stats=None) -> bool:
+        """Call after ``backward()`` and before ``optimizer.step()``. Returns True if sampled.
+
+        ``stats``: statistics of these very gradients measured already (the guard passes its
+        own), used when they name the same parameters, so that the norms are taken once."""
         self.step += 1
         if (self.step - 1) % self.every:
             return False
@@ -72,8 +75,10 @@ class Monitor:
         if not kept:
             raise ValueError("model has no gradients to record: call loss.backward() before Monitor.record()")
         names = tuple(n for n, _ in kept)  # which parameters had a gradient this step
-        stats = stats_of(list(names), [g for _, g in kept], self.norm_type, self.count_nonfinite)
-        self._records.append((self.step, names, stats.total, stats.norms, stats.nonfinite))
+        if stats is None or tuple(stats.names) != names or stats.norm_type != self.norm_type:
+            stats = stats_of(list(names), [g for _, g in kept], self.norm_type, self.count_nonfinite)
+        self._records.append((self.step, names, stats.total, stats.norms,
+                              stats.nonfinite if self.count_nonfinite else None))
         if self.track_updates:
             self._before = (tuple(n for n, _ in self._params), snapshot([p for _, p in self._params]))
         return True

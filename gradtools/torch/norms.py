@@ -285,14 +285,28 @@ def grad_stats(parameters, norm_type: float = 2.0, count_nonfinite: bool = True,
 def stats_of(names: list, grads: list, norm_type: float = 2.0, count_nonfinite: bool = True,
              foreach: bool | None = None) -> GradStats:
     """:func:`grad_stats` on gradients already collected (no argument checks; for per-step loops)."""
-    norms = _foreach_norms(grads, norm_type, foreach)
-    stats = GradStats(names, _stack(norms), _total(norms, norm_type, grads), None, norm_type)
+    stacked, total = _norms_and_total(grads, norm_type, foreach)
+    stats = GradStats(names, stacked, total, None, norm_type)
     if count_nonfinite:
-        stats.count_with(lambda: _nonfinite_counts(stats.total, grads))
+        stats.count_with(lambda: nonfinite_counts(stats.total, grads))
     return stats
 
 
-def _nonfinite_counts(total: torch.Tensor, grads: list) -> torch.Tensor:
+def _norms_and_total(grads: list, norm_type: float, foreach: bool | None = None, dtype=None):
+    """The per-tensor norms stacked, and the global norm: one foreach pass and one stack in the
+    common case (one device, one dtype), exactly the operations of ``get_total_norm``."""
+    if not any(is_dtensor(t) for t in grads):
+        groups = _groups(grads)
+        if len(groups) == 1:
+            device = grads[0].device
+            if foreach is not False and device.type in _FOREACH_DEVICES:
+                stacked = torch.stack(torch._foreach_norm(grads, norm_type, dtype=dtype))
+                return stacked, torch.linalg.vector_norm(stacked, norm_type)
+    norms = _foreach_norms(grads, norm_type, foreach, dtype)
+    return _stack(norms), _total(norms, norm_type, grads)
+
+
+def nonfinite_counts(total: torch.Tensor, grads: list) -> torch.Tensor:
     """Exact counts, computed only when the global norm says some entry may be non-finite."""
     if bool(torch.isfinite(total)):
         return torch.zeros(len(grads), dtype=torch.int64, device=total.device)
@@ -310,9 +324,8 @@ def device_norms(grads: list, norm_type: float = 2.0) -> tuple[torch.Tensor, tor
     one. So ``total`` is non-finite exactly when some entry is.
     """
     if not any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
-        norms = _foreach_norms(grads, norm_type, None)
-        total = _total(norms, norm_type, grads)
-        return _stack(norms), total, total
+        norms, total = _norms_and_total(grads, norm_type)
+        return norms, total, total
     wide = _foreach_norms(grads, norm_type, None, torch.float32)
     narrow = [n.to(g.dtype) for n, g in zip(wide, grads)]  # what torch._foreach_norm returns for them
     own = _total(narrow, norm_type, grads)
@@ -329,8 +342,7 @@ def measure(grads: list, norm_type: float = 2.0, wide: bool = True, narrow=None)
     norms, total, own = narrow if narrow is not None else device_norms(grads, norm_type)
     if not wide or all(g.dtype != torch.float32 for g in grads):
         return norms, total, own
-    wide = _foreach_norms(grads, norm_type, None, torch.float64)  # accumulated in float64, no copy
-    wide_norms, wide_total = _stack(wide), _total(wide, norm_type, grads)
+    wide_norms, wide_total = _norms_and_total(grads, norm_type, None, torch.float64)  # float64 sums, no copy
     if narrow is not None:
         return wide_norms, wide_total, wide_total
     return (torch.where(torch.isfinite(norms), norms.double(), wide_norms),
