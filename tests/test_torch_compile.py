@@ -88,7 +88,8 @@ def test_the_guards_decision_compiles_and_steps_as_eager(action):
         for p, q in zip(eager_model.parameters(), graph_model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     assert reasons[4] == ("zeroed" if action == "zero" else "nonfinite") and reasons[6] == "spike"
-    # the state lives in tensors updated in place: ten steps, NaN and spike included, trace once or twice
-    # (the first call finds the state still in NumPy and moves it to the device)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    # the state lives in tensors on the device from the guard's construction, updated in place:
+    # ten steps, NaN and spike included, trace once (a recompilation per guard would soon reach
+    # Dynamo's recompile limit, shared by every guard's decide)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert graph.state_dict()["skipped"] == eager.state_dict()["skipped"] >= 1

@@ -20,10 +20,12 @@ WORLD, BATCH, STEPS = 2, 8, 20
 NAN_AT, SPIKE_AT = 9, 14
 
 
-def _model():
+def _model(sizes=(5, 7, 7, 3)):
     torch.manual_seed(0)  # 7 rows: shards of 4 and 3 rows, uneven as FSDP2 allows
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 7), torch.nn.Tanh(),
-                               torch.nn.Linear(7, 3))
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
 
 
 def _batches():
@@ -100,10 +102,23 @@ def _accumulate(model, x, y):
     return {"norms": norms, "weights": [_full(p.detach()).clone() for p in model.parameters()]}
 
 
-def _sharded_model():
+def _inf_norms(model, x):
+    """The max-norm and unit-wise clipping of a layer with one row: rank 1's shard of it is empty."""
+    import gradtools.torch as gt
+
+    model.zero_grad()
+    model(x[0]).pow(2).mean().backward()
+    stats = gt.grad_stats(model, norm_type=math.inf).as_dict()
+    agc = int(gt.adaptive_clip_grad_(model, clip_factor=0.01))
+    clipped = gt.clip_grad_norm_(model.parameters(), 1e-3, norm_type=math.inf)
+    return {"stats": stats, "agc": agc, "clipped": float(clipped),
+            "grads": [_full(p.grad).clone() for p in model.parameters()]}
+
+
+def _sharded_model(sizes=(5, 7, 7, 3)):
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _model(sizes)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -134,6 +149,7 @@ def _worker(rank, port, out_dir):
         out["collectives"] = len(calls)
     finally:
         dist.all_reduce = real
+    out["inf"] = _inf_norms(_sharded_model(sizes=(5, 1)), x)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -184,3 +200,10 @@ def test_fsdp2_sharded_training_matches_the_unsharded_model(tmp_path):
     for r in ranks:
         assert r["accumulate"]["norms"] == pytest.approx(ref["norms"], rel=1e-5)
         _close(r["accumulate"]["weights"], ref["weights"])
+    ref = _inf_norms(_model(sizes=(5, 1)), x)
+    for r in ranks:
+        assert r["inf"]["stats"]["total_norm"] == pytest.approx(ref["stats"]["total_norm"], rel=1e-6)
+        assert r["inf"]["stats"]["norms"] == pytest.approx(ref["stats"]["norms"], rel=1e-6)
+        assert r["inf"]["agc"] == ref["agc"] > 0
+        assert r["inf"]["clipped"] == pytest.approx(ref["clipped"], rel=1e-6)
+        _close(r["inf"]["grads"], ref["grads"])

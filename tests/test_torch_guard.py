@@ -17,6 +17,7 @@ faults = st.tuples(
     st.integers(0, 10**6),  # entry (mod numel)
     st.integers(3, 12),  # step at which to inject
     st.sampled_from(["sgd", "adam", "momentum"]),
+    st.booleans(),  # sync: read the verdict, or decide and undo on the device
 )
 
 
@@ -31,10 +32,10 @@ def _optimizer(kind, model):
 @settings(max_examples=200)
 @given(faults)
 def test_fault_injection_skip_is_bit_identical(fault):
-    kind, index, entry, at, opt_kind = fault
+    kind, index, entry, at, opt_kind, sync = fault
     model = tiny_mlp()
     opt = _optimizer(opt_kind, model)
-    guard = gt.GradGuard(model, opt, action="skip",
+    guard = gt.GradGuard(model, opt, action="skip", sync=sync,
                          spike=SpikeDetector(window=20, z_thresh=6.0, min_history=3))
     for step in range(15):
         backward(model, seed=step)
@@ -263,3 +264,92 @@ def test_closure_optimizers_are_refused_with_a_clear_error():
         gt.lr_range_test(model, opt, lambda m, b: m(b).sum(), [torch.ones(2, 5)])
     with pytest.raises(TypeError, match="optimizer LBFGS takes a closure"):
         gt.Accumulator(model, opt, 2)
+
+
+OPTIMIZERS = {  # each creates state on its first step, some of it not zeros
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=1e-2),  # mu_product starts at 1
+    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.5),  # buffer = first grad
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, initial_accumulator_value=0.1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_a_skipped_first_step_leaves_no_optimizer_state_in_either_sync_mode(kind):
+    """The first step creates the optimizer's state; skipped, it must leave none behind (NaN in a
+    fresh Adam moment, or a momentum buffer of zeros, would change every later step)."""
+    runs = {}
+    for sync in (True, False):
+        model = tiny_mlp()
+        opt = OPTIMIZERS[kind](model.parameters())
+        guard = gt.GradGuard(model, opt, sync=sync)
+        reasons = []
+        for step in range(4):
+            backward(model, seed=step)
+            if step == 0:
+                model[0].weight.grad[0, 0] = math.nan
+            before = state_copy(model, opt)  # no state yet (Adagrad's is made by its constructor)
+            reasons.append(guard.step().reason)
+            if step == 0:
+                assert_bit_identical(before, state_copy(model, opt))
+            opt.zero_grad(set_to_none=True)
+        assert reasons == ["nonfinite", "ok", "ok", "ok"]
+        runs[sync] = state_copy(model, opt)
+    fresh = tiny_mlp()  # the same three steps without the skipped one
+    opt = OPTIMIZERS[kind](fresh.parameters())
+    for step in range(1, 4):
+        backward(fresh, seed=step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert_bit_identical(runs[True], state_copy(fresh, opt))
+    assert_bit_identical(runs[False], state_copy(fresh, opt))
+
+
+def _async_guard(action="skip"):
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    return model, opt, gt.GradGuard(model, opt, action=action, sync=False)
+
+
+def test_apply_takes_one_result_of_this_guards_decide_once():
+    model, opt, guard = _async_guard()
+    backward(model, seed=0)
+    result = guard.decide()
+    with pytest.raises(TypeError, match="result must be the GuardResult of decide.., got dict"):
+        guard.apply({"code": 0})
+    other = _async_guard()[2]
+    with pytest.raises(ValueError, match="result comes from another guard's decide"):
+        other.apply(result)
+    before = [p.detach().clone() for p in model.parameters()]
+    guard.apply(result)
+    after = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    with pytest.raises(ValueError, match="already applied"):
+        guard.apply(result)
+    assert all(torch.equal(a, p) for a, p in zip(after, model.parameters()))  # no second step
+    synced = gt.GradGuard(model, opt)
+    result = synced.step()
+    with pytest.raises(ValueError, match="sync=False"):
+        synced.apply(result)  # step() has stepped already
+    with pytest.raises(ValueError, match="sync=False"):
+        synced.decide()
+
+
+def test_without_sync_a_raised_error_names_the_parameter_after_the_gradients_are_gone():
+    model, opt, guard = _async_guard(action="raise")
+    backward(model, seed=0)
+    model[2].weight.grad[1, 1] = math.nan
+    guard.step()
+    opt.zero_grad(set_to_none=True)  # the usual loop: the next read comes after zero_grad
+    with pytest.raises(gt.NonFiniteGradientError, match="step 1: first in parameter '2.weight'"):
+        guard.check()
+    guard.check()  # reported once
+    # which parameters have gradients changes (a frozen layer): the name is the one of that step
+    model[0].weight.requires_grad_(False)
+    for step in range(2):
+        backward(model, seed=step)
+        model[2].weight.grad[0, 0] = math.nan
+        guard.step()
+        model[0].weight.requires_grad_(True)
+    with pytest.raises(gt.NonFiniteGradientError, match="step 2: first in parameter '2.weight'"):
+        guard.check()

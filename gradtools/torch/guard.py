@@ -39,11 +39,15 @@ there. What remains is taking the step or not:
 * ``sync=True`` (default): the guard reads one integer, the verdict, and calls
   ``optimizer.step()`` only on a step it takes. An error (``action="raise"``,
   ``TooManySkipsError``) is raised in that ``step()``.
-* ``sync=False``: no read at all. ``optimizer.step()`` always runs, and a
+* ``sync=False``: no read. ``optimizer.step()`` always runs, and a
   skipped step is undone on the device, ``torch.where(skip, before, after)``,
   from a copy of the parameters and of the optimizer's state taken before it
-  (memory for one more copy of both; state the optimizer creates on a skipped
-  first step is left at zeros). Errors are raised at the next read of a
+  (memory for one more copy of both). Two cases read one flag: a step in which
+  the optimizer creates state (its first), because a skipped one must leave no
+  state behind and no tensor operation can delete a dictionary entry; and state
+  kept on the host (a step counter on the CPU next to gradients on a GPU:
+  PyTorch's Adam default unless ``capturable=True`` or ``fused=True``), because
+  restoring it needs the decision there. Errors are raised at the next read of a
   :class:`GuardResult` field, at :meth:`GradGuard.check`, or every
   ``check_every`` steps, whichever comes first. This is how OLMo-core's
   skip-step optimizers avoid the synchronisation, for any optimizer.
@@ -86,6 +90,7 @@ class GuardResult:
 
     def __init__(self, code, stats, threshold=math.inf, guard=None, verdict: int | None = None):
         self.code, self.stats, self.threshold, self._guard, self._verdict = code, stats, threshold, guard, verdict
+        self._applied = False
 
     def _read(self) -> int:
         if self._verdict is None:
@@ -185,10 +190,14 @@ class GradGuard(GuardBase):
                                                          minimum=1)
         self.overflows = 0
         self.consecutive_nonfinite = 0  # non-finite steps in a row under an enabled scaler
-        self._names: dict[int, str] = {}
+        self._names: dict[int, str] = {id(q): n for n, q in model.named_parameters()}
         self.sync = _checks.boolean("sync", sync)
         self.check_every = _checks.integer("check_every", check_every, minimum=1)
         self._alarm, self._unchecked, self._copies = None, 0, None
+        self._name_lists: dict[tuple, int] = {}  # the names of each step's gradients, for check()
+        if not self.sync:  # the state on the device from the start: decide() traces once
+            self._place(local(self.optimizer.param_groups[0]["params"][0]).device)
+            self._names_version(self._owned(lambda p: p.requires_grad)[0])  # the usual names of a step
 
     def state_dict(self) -> dict:
         return {**self.decider.state_dict(), "overflows": self.overflows,
@@ -201,21 +210,26 @@ class GradGuard(GuardBase):
 
     def _owned_grads(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
         """Names, parameters and gradients of what ``optimizer.step()`` will apply."""
+        names, params = self._owned(lambda p: p.grad is not None)
+        if not params:
+            raise ValueError("none of the optimizer's parameters has a gradient: call loss.backward() "
+                             "before guard.step()")
+        return names, params, [p.grad for p in params]
+
+    def _owned(self, keep) -> tuple[list[str], list[torch.Tensor]]:
+        """Names and parameters of the optimizer's parameters for which ``keep(p)``, each once."""
         names, params = [], []
         seen = set()
         for gi, group in enumerate(self.optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
-                if p.grad is None or id(p) in seen:
+                if not keep(p) or id(p) in seen:
                     continue
                 seen.add(id(p))
                 if id(p) not in self._names:  # resolved once, again only when the model changed
                     self._names = {id(q): n for n, q in self.model.named_parameters()}
                 names.append(self._names.get(id(p), f"param_groups[{gi}][{pi}]"))
                 params.append(p)
-        if not params:
-            raise ValueError("none of the optimizer's parameters has a gradient: call loss.backward() "
-                             "before guard.step()")
-        return names, params, [p.grad for p in params]
+        return names, params
 
     def _scaler(self):
         return self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
@@ -289,9 +303,7 @@ class GradGuard(GuardBase):
         Float32 gradients are measured twice (as ``torch.nn.utils`` does, and accumulated in
         float64), so that finite entries whose float32 norm overflows are clipped, not skipped.
         """
-        if self.sync or self._scaler() is not None:
-            raise ValueError("decide() is for a guard built with sync=False and no GradScaler: with sync=True "
-                             "(or a scaler) step() reads the verdict to call optimizer.step() only on a step taken")
+        self._require_async("decide")
         names, params, grads = self._owned_grads()
         norms, total, own = measure(grads, self.norm_type, wide=True)
         stats = GradStats(names, norms, total, None, self.norm_type)
@@ -306,13 +318,22 @@ class GradGuard(GuardBase):
         threshold = out["threshold"] if self.clipper is not None else math.inf
         if not (isinstance(threshold, float) and math.isinf(threshold)):
             self.clipper.rescale(params, threshold, total, own)  # a skipped step is undone anyway
-        self._watch(out, norms)
+        self._watch(out, norms, self._names_version(names))
         return GuardResult(out["code"], stats, threshold, guard=self)
 
     @torch.no_grad()
     def apply(self, result: GuardResult) -> None:
         """Take the step :meth:`decide` decided: ``optimizer.step()``, undone on the device if it was
         a skip (no read). Every ``check_every`` steps, raise a recorded error (:meth:`check`)."""
+        self._require_async("apply")
+        if not isinstance(result, GuardResult):
+            raise TypeError(f"result must be the GuardResult of decide(), got {type(result).__name__}")
+        if result._guard is not self:
+            raise ValueError("result comes from another guard's decide() (or from step()): apply() takes "
+                             "what this guard's decide() returned")
+        if result._applied:
+            raise ValueError("result was already applied: call decide() again for the next step")
+        result._applied = True
         try:
             self._step_or_undo(result.code, self._owned_grads()[1])
             self._unchecked += 1
@@ -321,6 +342,12 @@ class GradGuard(GuardBase):
         finally:
             if self.monitor is not None:
                 self.monitor.after_step()
+
+    def _require_async(self, method: str) -> None:
+        if self.sync or self._scaler() is not None:
+            raise ValueError(f"{method}() is for a guard built with sync=False and no GradScaler: with sync=True "
+                             "(or a scaler) step() reads the verdict and calls optimizer.step() only on a step "
+                             "taken; call step() alone")
 
     def _overflow(self, nonfinite: bool):
         """Under loss scaling: ``"overflow"`` for an expected overflow, else None (decide as usual)."""
@@ -368,15 +395,37 @@ class GradGuard(GuardBase):
             self.decider.raise_for(code, too_many, bad, count, note)
 
     # ------------------------------------------------------------------ sync=False: no reads
-    def _watch(self, out, norms) -> None:
+    def _place(self, device) -> None:
+        """Move the decision's state to ``device`` and make the alarm there (once, or when the model moved)."""
+        ops = ops_on(device)
+        self.decider.arrays(ops)
+        if self.decider.spike is not None:
+            self.decider.spike.arrays(ops)
+        if self.decider.policy is not None and self.decider.policy.on_device():
+            self.decider.policy.arrays(ops)
+        self._alarm = torch.zeros(4, dtype=torch.int64, device=device)
+
+    def _names_version(self, names) -> int:
+        """A number for this step's list of parameter names, which the alarm records with the index."""
+        key = tuple(names)
+        version = self._name_lists.get(key)
+        if version is None:  # a new set of parameters with gradients: rare (a frozen layer, an idle expert)
+            if len(self._name_lists) >= 64:
+                self._name_lists.clear()  # check() then names the parameter by its index
+            version = len(self._name_lists)
+            self._name_lists[key] = version
+        return version
+
+    def _watch(self, out, norms, version: int) -> None:
         """Remember, on the device, the first step that calls for an error; check every ``check_every``."""
         alarm = (out["code"] == NONFINITE) & (self.action == "raise")
         kind = torch.where(alarm, 1, torch.where(out["too_many"], 2, 0))
-        if self._alarm is None:
-            self._alarm = torch.zeros(3, dtype=torch.int64, device=norms.device)
+        if self._alarm is None or self._alarm.device != norms.device:
+            self._place(norms.device)
         first = (self._alarm[0] == 0) & (kind != 0)
-        row = torch.stack([kind, self.decider.arrays(ops_on(norms.device))["steps"],
-                           torch.argmax((~torch.isfinite(norms)).to(torch.int64))])
+        steps = self.decider.arrays(ops_on(norms.device))["steps"]
+        row = torch.stack([kind, steps, torch.argmax((~torch.isfinite(norms)).to(torch.int64)),
+                           torch.full_like(steps, version)])
         self._alarm.copy_(torch.where(first, row, self._alarm))
 
     def check(self) -> None:
@@ -388,30 +437,40 @@ class GradGuard(GuardBase):
         self._unchecked = 0
         if self._alarm is None:
             return
-        kind, step, index = (int(v) for v in self._alarm.tolist())
+        kind, step, index, version = (int(v) for v in self._alarm.tolist())
         if kind == 0:
             return
         self._alarm.zero_()
         if kind == 1:
-            names = self._owned_grads()[0]
-            raise NonFiniteGradientError(f"non-finite gradient at step {step}: first in parameter "
-                                         f"{names[index] if index < len(names) else index!r} (action='raise'; "
-                                         "the step was not taken)")
+            names = next((k for k, v in self._name_lists.items() if v == version), ())
+            where = repr(names[index]) if index < len(names) else f"number {index} of those with gradients"
+            raise NonFiniteGradientError(f"non-finite gradient at step {step}: first in parameter {where} "
+                                         "(action='raise'; the step was not taken)")
         limit = self.decider.max_consecutive_skips
         raise TooManySkipsError(f"skipped {limit} consecutive steps (the last at step {step}); "
                                 f"max_consecutive_skips={limit}. Lower the learning rate or inspect the data.")
 
-    def _state_tensors(self, params) -> list:
-        """Every tensor ``optimizer.step()`` changes: the parameters and their state tensors."""
-        return list(params) + [v for p in params for v in self.optimizer.state.get(p, {}).values()
-                               if isinstance(v, torch.Tensor)]
+    def _state(self, params) -> tuple[list, list]:
+        """What ``optimizer.step()`` changes: the parameters and their state tensors; and the
+        state's other entries (``(state, key, value)``), kept on the host."""
+        tensors, others = list(params), []
+        for p in params:
+            state = self.optimizer.state.get(p)
+            for k, v in (state or {}).items():
+                if isinstance(v, torch.Tensor):
+                    tensors.append(v)
+                else:
+                    others.append((state, k, v))
+        return tensors, others
 
     def _step_or_undo(self, code, params) -> None:
         """``optimizer.step()``, undone on the device where ``code`` says skip (no read).
 
-        The copies are allocated once and refilled every step; state the optimizer creates in
-        this very step (its first) is set to zeros when the step is skipped."""
-        tensors = self._state_tensors(params)
+        The copies are allocated once and refilled every step. State the optimizer creates in
+        this step, or keeps on the host, costs one read of the decision (see the module's notes)."""
+        tensors, others = self._state(params)
+        state = self.optimizer.state
+        sizes = [len(state[p]) if p in state else -1 for p in params]
         key = tuple(id(t) for t in tensors)
         if self._copies is None or self._copies[0] != key:
             self._copies = (key, [torch.empty_like(local(t)) for t in tensors])
@@ -419,12 +478,23 @@ class GradGuard(GuardBase):
         torch._foreach_copy_(copies, [local(t) for t in tensors])
         self.optimizer.step()
         take = (code == OK) | (code == ZEROED)
+        on = {take.device: take}
         for t, copy in zip(tensors, copies):
-            local(t).copy_(torch.where(take, local(t), copy))
-        known = set(key)
-        for t in self._state_tensors(params):
-            if id(t) not in known:
-                local(t).mul_(take.to(t.dtype))
+            t = local(t)
+            if t.device not in on:  # host state next to device gradients: the decision must come over
+                on[t.device] = take.to(t.device)
+            t.copy_(torch.where(on[t.device], t, copy))
+        grown = [(p, n) for p, n in zip(params, sizes) if (len(state[p]) if p in state else -1) != n]
+        changed = [(held, k, v) for held, k, v in others if held.get(k) is not v]
+        if (grown or changed) and not bool(take):  # the one read, on a step that made state
+            for held, k, v in changed:
+                held[k] = v
+            for p, n in grown:
+                if n < 0:
+                    del state[p]
+                else:
+                    for k in list(state[p])[n:]:  # the entries it added last
+                        del state[p][k]
 
     def _finish(self, verdict, scaler, overflowed: bool) -> None:
         """Step or not; leave the scaler as ``scaler.step(); scaler.update()`` would, or untouched on a skip."""

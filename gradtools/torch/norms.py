@@ -115,7 +115,9 @@ def _foreach_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool 
                    dtype=None) -> list[torch.Tensor]:
     """Per-tensor norms, grouped by device and dtype like torch.nn.utils does (full norms of DTensors)."""
     if any(is_dtensor(t) for t in tensors):
-        return _full_norms(_foreach_norms([local(t) for t in tensors], norm_type, foreach, dtype), tensors, norm_type)
+        # a rank may hold an empty shard (fewer rows than ranks): it adds 0 (a max over nothing is no norm)
+        shards = [t if t.numel() else t.new_zeros(1) for t in (local(t) for t in tensors)]
+        return _full_norms(_foreach_norms(shards, norm_type, foreach, dtype), tensors, norm_type)
     first = tensors[0]
     if foreach is not False and first.device.type in _FOREACH_DEVICES and all(
             t.device == first.device and t.dtype == first.dtype for t in tensors):
