@@ -483,7 +483,7 @@ class GradGuard(GuardBase):
             t = local(t)
             if t.device not in on:  # host state next to device gradients: the decision must come over
                 on[t.device] = take.to(t.device)
-            t.copy_(torch.where(on[t.device], t, copy))
+            torch.where(on[t.device], t, copy, out=t)  # in place: no temporary the size of the model
         grown = [(p, n) for p, n in zip(params, sizes) if (len(state[p]) if p in state else -1) != n]
         changed = [(held, k, v) for held, k, v in others if held.get(k) is not v]
         if (grown or changed) and not bool(take):  # the one read, on a step that made state
