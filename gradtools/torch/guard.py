@@ -285,7 +285,7 @@ class GradGuard(GuardBase):
             self._raise_if_needed(verdict % 16, stats)
             verdict %= 8
             threshold = out["threshold"] if self.clipper is not None else math.inf
-            if verdict in (OK, ZEROED) and not (isinstance(threshold, float) and math.isinf(threshold)):
+            if verdict in (OK, ZEROED) and not self._below(threshold, out["norm"], own is total):
                 self.clipper.rescale(params, threshold, total, own)  # clip_to's rescaling, without a report
             result = GuardResult(out["code"], stats, threshold, verdict=verdict)
             return result
@@ -374,6 +374,20 @@ class GradGuard(GuardBase):
             out["threshold"] = threshold if isinstance(threshold, float) else float(threshold)
             return out
         return self.decider.decide_arrays(total.to(torch.float64), nonfinite, ops_on(total.device), commit=False)
+
+    @staticmethod
+    def _below(threshold, norm, same_dtype: bool) -> bool:
+        """Whether clipping is a multiplication by exactly 1, known on the host without a read: no
+        threshold, or a norm read (CPU gradients) clearly below it (a margin far wider than the
+        rounding of ``min(1, threshold / (norm + 1e-6))``). Then the pass over the gradients is
+        left out; the result is bit-identical."""
+        if not isinstance(threshold, float):
+            return False
+        if math.isinf(threshold):
+            return True
+        if not same_dtype or isinstance(norm, torch.Tensor):
+            return False
+        return float(norm) * (1.0 + 1e-4) + 1e-6 < threshold
 
     @staticmethod
     def _read_verdict(out) -> int:

@@ -323,7 +323,8 @@ def device_norms(grads: list, norm_type: float = 2.0) -> tuple[torch.Tensor, tor
     ``norms`` and ``total`` are the same numbers, except that half-precision gradients also
     accumulate in float32 (one pass, from which torch's own half-precision norms are rounded):
     where a float16 norm overflows (entries finite, norm above 65504) they hold the float32
-    one. So ``total`` is non-finite exactly when some entry is.
+    one. So ``total`` is non-finite when some entry is, or when a float32 sum overflows
+    (float32 or bfloat16 entries above about 1.8e19): :func:`measure` tells those apart.
     """
     if not any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
         norms, total = _norms_and_total(grads, norm_type)
@@ -338,11 +339,12 @@ def device_norms(grads: list, norm_type: float = 2.0) -> tuple[torch.Tensor, tor
 
 def measure(grads: list, norm_type: float = 2.0, wide: bool = True, narrow=None):
     """:func:`device_norms`, and with ``wide`` float32 norms that overflow (finite entries above
-    about 1.8e19) replaced by float64 ones: a second pass over the float32 gradients, the price
-    of telling such a gradient from a non-finite one without reading anything from the device.
-    Half precision is measured wide already. ``narrow``: the :func:`device_norms` already taken."""
+    about 1.8e19) replaced by float64 ones: a second pass over the float32 and bfloat16 gradients
+    (bfloat16 has float32's range), the price of telling such a gradient from a non-finite one
+    without reading anything from the device. Float16 is measured wide enough in float32.
+    ``narrow``: the :func:`device_norms` already taken."""
     norms, total, own = narrow if narrow is not None else device_norms(grads, norm_type)
-    if not wide or all(g.dtype != torch.float32 for g in grads):
+    if not wide or all(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
         return norms, total, own
     wide_norms, wide_total = _norms_and_total(grads, norm_type, None, torch.float64)  # float64 sums, no copy
     if narrow is not None:
