@@ -300,8 +300,9 @@ class GradGuard(GuardBase):
         ``torch.compile(guard.decide, fullgraph=True)``; then :meth:`apply` takes the step or
         undoes it. A monitor given to the guard records in ``step()``, not here.
 
-        Float32 gradients are measured twice (as ``torch.nn.utils`` does, and accumulated in
-        float64), so that finite entries whose float32 norm overflows are clipped, not skipped.
+        Float32 and bfloat16 gradients are measured twice (as ``torch.nn.utils`` does, and
+        accumulated in float64), so that finite entries whose float32 norm overflows are
+        clipped, not skipped.
         """
         self._require_async("decide")
         names, params, grads = self._owned_grads()
