@@ -39,8 +39,18 @@ class GradStats:
     """
 
     def __init__(self, names, norms, total, nonfinite=None, norm_type: float = 2.0):
-        self.names, self.norms, self.total, self.norm_type = names, norms, total, norm_type
+        self._names, self.norms, self.total, self.norm_type = names, norms, total, norm_type
         self._nonfinite, self._count = nonfinite, None
+
+    @property
+    def names(self) -> list:
+        if callable(self._names):  # resolved when first read (a compiled step makes no strings)
+            self._names = list(self._names())
+        return self._names
+
+    @names.setter
+    def names(self, value) -> None:
+        self._names = value
 
     def count_with(self, count) -> None:
         """Count the non-finite entries with ``count()`` when ``nonfinite`` is first read."""

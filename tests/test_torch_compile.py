@@ -93,3 +93,22 @@ def test_the_guards_decision_compiles_and_steps_as_eager(action):
     # Dynamo's recompile limit, shared by every guard's decide)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert graph.state_dict()["skipped"] == eager.state_dict()["skipped"] >= 1
+
+
+def test_a_new_guard_reuses_the_compiled_decision():
+    """Dynamo caches graphs per function: a guard per run (a sweep, a notebook, a resumed job) must
+    not trace ``decide`` again, or the ninth guard would reach the recompile limit and fail."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for seed in range(10):
+        model = tiny_mlp(seed=seed, sizes=(5, 7, 7, 3))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        guard = gt.GradGuard(model, opt, spike=SpikeDetector(window=5, min_history=3),
+                             clipper=gt.Clipper(ZClip(warmup_steps=3)), sync=False)
+        decide = torch.compile(guard.decide, fullgraph=True, backend="aot_eager")
+        for step in range(2):
+            _grads(model, step)
+            result = decide()
+            guard.apply(result)
+        assert result.stats.names == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -115,6 +115,28 @@ def _inf_norms(model, x):
             "grads": [_full(p.grad).clone() for p in model.parameters()]}
 
 
+def _nan_in_the_last_shard(model, x):
+    """A NaN in row 6 of the first weight, which the last rank holds: every norm type sees it."""
+    import gradtools.torch as gt
+    from gradtools.torch.norms import local
+
+    out = {}
+    for norm_type in (1.0, 2.0, math.inf):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = gt.GradGuard(model, opt, clipper=gt.Clipper(1.0, norm_type=norm_type))
+        model.zero_grad()
+        model(x[0]).pow(2).mean().backward()
+        grad = model[0].weight.grad
+        if not dist.is_initialized():
+            grad[6, 0] = math.nan
+        elif dist.get_rank() == WORLD - 1:
+            local(grad)[-1, 0] = math.nan
+        stats = gt.grad_stats(model, norm_type=norm_type)
+        out[norm_type] = (math.isnan(float(stats.total)), math.isnan(float(stats.norms[0])),
+                          guard.step().reason, stats.first_nonfinite())
+    return out
+
+
 def _sharded_model(sizes=(5, 7, 7, 3)):
     from torch.distributed.fsdp import fully_shard
 
@@ -150,6 +172,7 @@ def _worker(rank, port, out_dir):
     finally:
         dist.all_reduce = real
     out["inf"] = _inf_norms(_sharded_model(sizes=(5, 1)), x)
+    out["nan"] = _nan_in_the_last_shard(_sharded_model(), x)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -207,3 +230,7 @@ def test_fsdp2_sharded_training_matches_the_unsharded_model(tmp_path):
         assert r["inf"]["agc"] == ref["agc"] > 0
         assert r["inf"]["clipped"] == pytest.approx(ref["clipped"], rel=1e-6)
         _close(r["inf"]["grads"], ref["grads"])
+    ref = _nan_in_the_last_shard(_model(), x)
+    assert ref == {p: (True, True, "nonfinite", "0.weight") for p in (1.0, 2.0, math.inf)}
+    for r in ranks:  # a max over NaN is no NaN to a gloo all-reduce: the NaN must still come through
+        assert r["nan"] == ref

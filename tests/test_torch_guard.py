@@ -353,3 +353,39 @@ def test_without_sync_a_raised_error_names_the_parameter_after_the_gradients_are
         model[0].weight.requires_grad_(True)
     with pytest.raises(gt.NonFiniteGradientError, match="step 2: first in parameter '2.weight'"):
         guard.check()
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_skipped_step_reports_and_leaves_the_gradients_it_was_decided_on(sync):
+    """A non-finite global norm makes a NaN clipping factor: the skipped step must not apply it
+    to the gradients, whose counts the result reports when read."""
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gt.GradGuard(model, opt, sync=sync, clipper=gt.Clipper(1.0))
+    backward(model, seed=0)
+    model[2].bias.grad[0] = math.nan
+    grads = [p.grad.clone() for p in model.parameters()]
+    result = guard.step()
+    assert result.reason == "nonfinite"
+    assert result.stats.nonfinite.tolist() == [0, 0, 0, 1] and result.stats.first_nonfinite() == "2.bias"
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["zclip", "autoclip"])
+def test_both_sync_modes_keep_the_same_policy_state_on_the_cpu(policy):
+    """With sync=True the guard decides with NumPy on the CPU, with sync=False with PyTorch:
+    the same operations in the same order, to the last bit."""
+    states = []
+    for sync in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        guard = gt.GradGuard(model, opt, sync=sync, clipper=gt.Clipper(policy),
+                             spike=SpikeDetector(window=8, min_history=3))
+        for _ in range(30):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+            guard.step()
+        states.append(guard.state_dict())
+    assert states[0] == states[1]

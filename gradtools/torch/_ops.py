@@ -44,7 +44,11 @@ class TorchOps:
     sqrt = staticmethod(torch.sqrt)
     abs = staticmethod(torch.abs)
     isfinite = staticmethod(torch.isfinite)
-    sum = staticmethod(torch.sum)
+
+    @staticmethod
+    def sum(x):
+        """Left to right, as :meth:`gradtools._ops.NumpyOps.sum` (on the CPU, bit for bit)."""
+        return torch.cumsum(x, 0)[-1]
 
     @staticmethod
     def minimum(a, b):

@@ -407,15 +407,20 @@ class Clipper(ClipperBase):
         return ClipResult(total, total * coef, threshold, coef < 1.0)  # the norm scales linearly
 
     @staticmethod
-    def rescale(parameters, threshold, total: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+    def rescale(parameters, threshold, total: torch.Tensor, own: torch.Tensor | None = None,
+                where: torch.Tensor | None = None) -> torch.Tensor:
         """Multiply the gradients by torch.nn.utils' factor ``min(1, threshold / (total + 1e-6))``,
         whatever the norm (no host read), and return the factor.
 
         ``own``: the norm in the gradients' own dtype (see :func:`~gradtools.torch.norms.device_norms`);
-        the factor is computed from it, as ``torch.nn.utils`` does, wherever it is finite."""
+        the factor is computed from it, as ``torch.nn.utils`` does, wherever it is finite.
+        ``where``: a boolean 0-d tensor; where it is false the factor is 1 (a step not taken
+        keeps the gradients it was decided on, NaN factor or not)."""
         coef = _factor(threshold, total)
         if own is not None and own is not total:
             coef = torch.where(torch.isfinite(own), _factor(threshold, own).to(coef.dtype), coef)
+        if where is not None:
+            coef = torch.where(where, coef, torch.ones_like(coef))
         for idx, use_foreach in device_groups(grads := _local_grads(parameters), None):
             group = [grads[i] for i in idx]
             c = coef if coef.device == group[0].device else coef.to(group[0].device)

@@ -191,13 +191,16 @@ class GradGuard(GuardBase):
         self.overflows = 0
         self.consecutive_nonfinite = 0  # non-finite steps in a row under an enabled scaler
         self._names: dict[int, str] = {id(q): n for n, q in model.named_parameters()}
+        self._groups = optimizer.param_groups
+        params = self._params()
+        if len({id(p) for p in params}) != len(params):
+            twice = next(self._names_of([p])[0] for i, p in enumerate(params) if any(p is q for q in params[:i]))
+            raise ValueError(f"optimizer holds parameter {twice!r} twice: it would be measured (and stepped) twice")
         self.sync = _checks.boolean("sync", sync)
         self.check_every = _checks.integer("check_every", check_every, minimum=1)
         self._alarm, self._unchecked, self._copies = None, 0, None
-        self._name_lists: dict[tuple, int] = {}  # the names of each step's gradients, for check()
         if not self.sync:  # the state on the device from the start: decide() traces once
-            self._place(local(self.optimizer.param_groups[0]["params"][0]).device)
-            self._names_version(self._owned(lambda p: p.requires_grad)[0])  # the usual names of a step
+            self._place(local(params[0]).device)
 
     def state_dict(self) -> dict:
         return {**self.decider.state_dict(), "overflows": self.overflows,
@@ -208,28 +211,29 @@ class GradGuard(GuardBase):
         for key in ("overflows", "consecutive_nonfinite"):
             setattr(self, key, _checks.integer(f"state_dict[{key!r}]", state_dict.get(key, 0), minimum=0))
 
-    def _owned_grads(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-        """Names, parameters and gradients of what ``optimizer.step()`` will apply."""
-        names, params = self._owned(lambda p: p.grad is not None)
+    def _params(self) -> list[torch.Tensor]:
+        """The optimizer's parameters, in its order (what an error recorded without a read indexes)."""
+        # the optimizer's own list (add_param_group appends to it), reached without the optimizer:
+        # Dynamo specialises a compiled function on the identity of an optimizer it meets
+        return [p for group in self._groups for p in group["params"]]
+
+    def _owned_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Parameters and gradients of what ``optimizer.step()`` will apply (no names: no strings,
+        no ``id()``, nothing a compiled ``decide`` would specialise on a particular model)."""
+        params = [p for p in self._params() if p.grad is not None]
         if not params:
             raise ValueError("none of the optimizer's parameters has a gradient: call loss.backward() "
                              "before guard.step()")
-        return names, params, [p.grad for p in params]
+        return params, [p.grad for p in params]
 
-    def _owned(self, keep) -> tuple[list[str], list[torch.Tensor]]:
-        """Names and parameters of the optimizer's parameters for which ``keep(p)``, each once."""
-        names, params = [], []
-        seen = set()
-        for gi, group in enumerate(self.optimizer.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if not keep(p) or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if id(p) not in self._names:  # resolved once, again only when the model changed
-                    self._names = {id(q): n for n, q in self.model.named_parameters()}
-                names.append(self._names.get(id(p), f"param_groups[{gi}][{pi}]"))
-                params.append(p)
-        return names, params
+    def _names_of(self, params) -> list[str]:
+        """The model's names for ``params`` (``param_groups[i][j]`` for one the model does not hold)."""
+        if any(id(p) not in self._names for p in params):  # again only when the model changed
+            self._names = {id(q): n for n, q in self.model.named_parameters()}
+            for gi, group in enumerate(self.optimizer.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    self._names.setdefault(id(p), f"param_groups[{gi}][{pi}]")
+        return [self._names[id(p)] for p in params]
 
     def _scaler(self):
         return self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
@@ -246,7 +250,9 @@ class GradGuard(GuardBase):
             result = self.decide()
             self.apply(result)
             return result
-        names, params, grads = self._owned_grads()
+        self._groups = self.optimizer.param_groups  # load_state_dict() replaces the list
+        params, grads = self._owned_grads()
+        names = self._names_of(params)
         scaler = self._scaler()
         if scaler is not None:
             _unscale_once(scaler, self.optimizer)
@@ -305,9 +311,9 @@ class GradGuard(GuardBase):
         clipped, not skipped.
         """
         self._require_async("decide")
-        names, params, grads = self._owned_grads()
+        params, grads = self._owned_grads()
         norms, total, own = measure(grads, self.norm_type, wide=True)
-        stats = GradStats(names, norms, total, None, self.norm_type)
+        stats = GradStats(lambda: self._names_of(params), norms, total, None, self.norm_type)
         stats.count_with(lambda: nonfinite_counts(total, grads))
         nonfinite = ~torch.isfinite(total)
         if self.action == "zero":
@@ -318,8 +324,8 @@ class GradGuard(GuardBase):
         out = self.decider.decide_arrays(total.to(torch.float64), nonfinite, ops_on(total.device))
         threshold = out["threshold"] if self.clipper is not None else math.inf
         if not (isinstance(threshold, float) and math.isinf(threshold)):
-            self.clipper.rescale(params, threshold, total, own)  # a skipped step is undone anyway
-        self._watch(out, norms, self._names_version(names))
+            self.clipper.rescale(params, threshold, total, own, where=out["proceed"])
+        self._watch(out, norms)
         return GuardResult(out["code"], stats, threshold, guard=self)
 
     @torch.no_grad()
@@ -335,8 +341,9 @@ class GradGuard(GuardBase):
         if result._applied:
             raise ValueError("result was already applied: call decide() again for the next step")
         result._applied = True
+        self._groups = self.optimizer.param_groups  # load_state_dict() replaces the list
         try:
-            self._step_or_undo(result.code, self._owned_grads()[1])
+            self._step_or_undo(result.code, self._owned_grads()[0])
             self._unchecked += 1
             if self._unchecked >= self.check_every:
                 self.check()
@@ -418,29 +425,25 @@ class GradGuard(GuardBase):
             self.decider.spike.arrays(ops)
         if self.decider.policy is not None and self.decider.policy.on_device():
             self.decider.policy.arrays(ops)
-        self._alarm = torch.zeros(4, dtype=torch.int64, device=device)
+        self._alarm = torch.zeros(3, dtype=torch.int64, device=device)
 
-    def _names_version(self, names) -> int:
-        """A number for this step's list of parameter names, which the alarm records with the index."""
-        key = tuple(names)
-        version = self._name_lists.get(key)
-        if version is None:  # a new set of parameters with gradients: rare (a frozen layer, an idle expert)
-            if len(self._name_lists) >= 64:
-                self._name_lists.clear()  # check() then names the parameter by its index
-            version = len(self._name_lists)
-            self._name_lists[key] = version
-        return version
+    def _watch(self, out, norms) -> None:
+        """Remember, on the device, the first step that calls for an error; check every ``check_every``.
 
-    def _watch(self, out, norms, version: int) -> None:
-        """Remember, on the device, the first step that calls for an error; check every ``check_every``."""
+        The parameter is recorded by its place among all the optimizer's parameters, which does
+        not change when some of them have no gradient (a frozen layer, an idle expert)."""
         alarm = (out["code"] == NONFINITE) & (self.action == "raise")
         kind = torch.where(alarm, 1, torch.where(out["too_many"], 2, 0))
         if self._alarm is None or self._alarm.device != norms.device:
             self._place(norms.device)
         first = (self._alarm[0] == 0) & (kind != 0)
-        steps = self.decider.arrays(ops_on(norms.device))["steps"]
-        row = torch.stack([kind, steps, torch.argmax((~torch.isfinite(norms)).to(torch.int64)),
-                           torch.full_like(steps, version)])
+        bad = ~torch.isfinite(norms)
+        everyone = self._params()
+        if len(everyone) != len(norms):  # some have no gradient: place the flags among all
+            flags, none = iter(bad.unbind()), torch.zeros((), dtype=torch.bool, device=norms.device)
+            bad = torch.stack([next(flags) if p.grad is not None else none for p in everyone])
+        row = torch.stack([kind, self.decider.arrays(ops_on(norms.device))["steps"],
+                           torch.argmax(bad.to(torch.int64))])
         self._alarm.copy_(torch.where(first, row, self._alarm))
 
     def check(self) -> None:
@@ -452,13 +455,13 @@ class GradGuard(GuardBase):
         self._unchecked = 0
         if self._alarm is None:
             return
-        kind, step, index, version = (int(v) for v in self._alarm.tolist())
+        kind, step, index = (int(v) for v in self._alarm.tolist())
         if kind == 0:
             return
         self._alarm.zero_()
         if kind == 1:
-            names = next((k for k, v in self._name_lists.items() if v == version), ())
-            where = repr(names[index]) if index < len(names) else f"number {index} of those with gradients"
+            params = self._params()
+            where = repr(self._names_of([params[index]])[0]) if index < len(params) else f"number {index}"
             raise NonFiniteGradientError(f"non-finite gradient at step {step}: first in parameter {where} "
                                          "(action='raise'; the step was not taken)")
         limit = self.decider.max_consecutive_skips

@@ -177,11 +177,26 @@ def _all_reduce(values: torch.Tensor, tensors, op) -> torch.Tensor:
     import torch.distributed as dist
 
     for group, mask in _shard_masks(tensors):
-        keep = torch.tensor(mask, device=values.device)
+        if all(mask):  # fully_shard: every tensor sharded the same way
+            values = values.clone()
+            dist.all_reduce(values, op=op, group=group)
+            continue
+        keep = _mask_tensor(tuple(mask), values.device)
         part = torch.where(keep, values, torch.zeros_like(values))
         dist.all_reduce(part, op=op, group=group)
         values = torch.where(keep, part, values)
     return values
+
+
+_MASKS: dict = {}
+
+
+def _mask_tensor(mask: tuple, device) -> torch.Tensor:
+    """``mask`` as a boolean tensor on ``device``, made once (a copy to an accelerator waits for it)."""
+    key = (mask, str(device))
+    if key not in _MASKS:
+        _MASKS[key] = torch.tensor(mask, device=device)
+    return _MASKS[key]
 
 
 def _full_norms(norms: list[torch.Tensor], tensors, norm_type: float) -> list[torch.Tensor]:
@@ -190,7 +205,12 @@ def _full_norms(norms: list[torch.Tensor], tensors, norm_type: float) -> list[to
 
     vec = _stack(norms)
     if math.isinf(norm_type):
-        return list(_all_reduce(vec, tensors, dist.ReduceOp.MAX).unbind())
+        # a maximum drops NaN (a comparison with NaN is false): send NaN as its own flag, in the
+        # same collective, and the shard's norm as inf
+        nan = torch.isnan(vec)
+        both = _all_reduce(torch.cat([torch.where(nan, math.inf, vec), nan.to(vec.dtype)]), tensors + tensors,
+                           dist.ReduceOp.MAX)
+        return list(torch.where(both[len(norms):] > 0, math.nan, both[:len(norms)]).unbind())
     powered = _all_reduce(vec.double() ** norm_type, tensors, dist.ReduceOp.SUM)
     return list((powered ** (1.0 / norm_type)).to(vec.dtype).unbind())
 
