@@ -61,7 +61,8 @@ def test_on_the_cpu_the_guard_reads_the_norm_once_and_decides_with_numpy(monkeyp
     for step in range(4):
         backward(model, seed=step, scale=10.0)
         calls, result = _count(guard.step)
-        assert result.stepped and calls == ["__float__"], calls
+        # the first step also moves the state, made as tensors for decide(), to NumPy: free here
+        assert result.stepped and (calls == ["__float__"] or step == 0), calls
 
 
 def _count(fn):
@@ -202,3 +203,15 @@ def test_without_sync_an_error_surfaces_at_the_next_read_or_check():
     assert reads == [["__bool__"]] + [[]] * 4 and guard.skipped == 3
     with pytest.raises(gt.TooManySkipsError, match="skipped 3 consecutive steps .the last at step 4"):
         guard.check()
+
+
+def test_with_sync_decide_then_apply_reads_one_integer_a_step_taken():
+    model = tiny_mlp(sizes=(5, 7, 7, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt.step = _uncounted(opt.step)
+    guard = gt.GradGuard(model, opt, spike=SpikeDetector(min_history=3, window=5), clipper=gt.Clipper(ZClip()))
+    reads = []
+    for step in range(6):
+        backward(model, seed=step)
+        reads.append(_count(lambda: guard.apply(guard.decide()))[0])
+    assert reads == [["__int__"]] * 6

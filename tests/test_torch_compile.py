@@ -62,13 +62,14 @@ def test_every_clipping_policy_compiles_and_decides_as_eager(policy):
     assert eager.policy.state_dict()["steps"] == graph.policy.state_dict()["steps"] == 9
 
 
+@pytest.mark.parametrize("sync", [False, True])
 @pytest.mark.parametrize("action", ["skip", "zero"])
-def test_the_guards_decision_compiles_and_steps_as_eager(action):
+def test_the_guards_decision_compiles_and_steps_as_eager(action, sync):
     def build():
         model = tiny_mlp(sizes=(5, 7, 7, 3))
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         guard = gt.GradGuard(model, opt, action=action, spike=SpikeDetector(window=5, min_history=3),
-                             clipper=gt.Clipper(ZClip(warmup_steps=3)), sync=False)
+                             clipper=gt.Clipper(ZClip(warmup_steps=3)), sync=sync)
         return model, opt, guard
 
     eager_model, _, eager = build()

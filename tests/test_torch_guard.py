@@ -329,10 +329,45 @@ def test_apply_takes_one_result_of_this_guards_decide_once():
     assert all(torch.equal(a, p) for a, p in zip(after, model.parameters()))  # no second step
     synced = gt.GradGuard(model, opt)
     result = synced.step()
-    with pytest.raises(ValueError, match="sync=False"):
+    with pytest.raises(ValueError, match=r"another guard's decide\(\) \(or from step\(\)\)"):
         synced.apply(result)  # step() has stepped already
-    with pytest.raises(ValueError, match="sync=False"):
-        synced.decide()
+    scaled = gt.GradGuard(model, opt, scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="decide.. is for a guard without a GradScaler"):
+        scaled.decide()
+
+
+@pytest.mark.parametrize("action", ["skip", "zero", "raise"])
+def test_with_sync_decide_then_apply_is_step(action):
+    """sync=True: decide() (read-free, compilable) then apply(), which reads the verdict and steps
+    only on a step taken: the same decisions, weights and errors as step()."""
+    runs = []
+    for split in (False, True):
+        model = tiny_mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        guard = gt.GradGuard(model, opt, action=action, spike=SpikeDetector(window=6, min_history=3),
+                             clipper=gt.Clipper(ZClip(warmup_steps=3)), max_consecutive_skips=2)
+        reasons = []
+        for step in range(12):
+            backward(model, seed=step, scale=1000.0 if step == 8 else 1.0)
+            if step in (5, 10, 11):
+                model[2].weight.grad[0, 1] = math.nan
+            try:
+                if split:
+                    result = guard.decide()
+                    guard.apply(result)
+                else:
+                    result = guard.step()
+                reasons.append(result.reason)
+            except (gt.NonFiniteGradientError, gt.TooManySkipsError) as exc:
+                reasons.append(type(exc).__name__ + (": 2.weight" if "'2.weight'" in str(exc) else ""))
+        runs.append((reasons, state_copy(model, opt), guard.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][2] == runs[1][2]
+    assert_bit_identical(runs[0][1], runs[1][1])
+    if action == "raise":
+        assert runs[0][0][5] == "NonFiniteGradientError: 2.weight"
+    else:
+        assert runs[0][0][8] == "spike" and runs[0][0][11] == "TooManySkipsError" or action == "zero"
 
 
 def test_without_sync_a_raised_error_names_the_parameter_after_the_gradients_are_gone():

@@ -52,6 +52,10 @@ there. What remains is taking the step or not:
   ``check_every`` steps, whichever comes first. This is how OLMo-core's
   skip-step optimizers avoid the synchronisation, for any optimizer.
 
+Either way the read-free half, :meth:`GradGuard.decide` (measure, decide, clip), compiles
+with ``torch.compile(fullgraph=True)``, and :meth:`GradGuard.apply` takes the step: after
+one read with ``sync=True``, undone on the device with ``sync=False``.
+
 Under a ``GradScaler`` the scaler reads its own found-inf flag in
 ``scaler.step()``; the guard then reads the verdict too (``sync`` is ignored).
 """
@@ -199,8 +203,7 @@ class GradGuard(GuardBase):
         self.sync = _checks.boolean("sync", sync)
         self.check_every = _checks.integer("check_every", check_every, minimum=1)
         self._alarm, self._unchecked, self._copies = None, 0, None
-        if not self.sync:  # the state on the device from the start: decide() traces once
-            self._place(local(params[0]).device)
+        self._place(local(params[0]).device)  # the state on the device from the start: decide() traces once
 
     def state_dict(self) -> dict:
         return {**self.decider.state_dict(), "overflows": self.overflows,
@@ -242,7 +245,9 @@ class GradGuard(GuardBase):
     def step(self) -> GuardResult:
         """Check the gradients, then step the optimizer or skip. Returns what happened.
 
-        With ``sync=False`` (and no scaler) this is :meth:`decide` then :meth:`apply`.
+        With ``sync=False`` (and no scaler) this is :meth:`decide` then :meth:`apply`; with
+        ``sync=True`` it reads the global norm too where reading it is free (CPU gradients),
+        decides with NumPy, and measures in float64 only when the float32 norm overflowed.
         """
         if not self.sync and self._scaler() is None:
             if self.monitor is not None:
@@ -300,17 +305,19 @@ class GradGuard(GuardBase):
 
     @torch.no_grad()
     def decide(self) -> GuardResult:
-        """The read-free half of ``step()`` of a guard built with ``sync=False``: measure, decide and clip.
+        """The read-free half of ``step()``: measure, decide and clip.
 
         Everything is a tensor operation on the gradients' device, so this compiles with
-        ``torch.compile(guard.decide, fullgraph=True)``; then :meth:`apply` takes the step or
-        undoes it. A monitor given to the guard records in ``step()``, not here.
+        ``torch.compile(guard.decide, fullgraph=True)``; then :meth:`apply` takes the step: with
+        ``sync=False`` always, undone on the device if it was a skip; with ``sync=True`` after
+        reading the verdict, only if it is taken. A monitor given to the guard records in
+        ``step()``, not here. Not with a ``GradScaler``: the scaler reads its own flag.
 
         Float32 and bfloat16 gradients are measured twice (as ``torch.nn.utils`` does, and
         accumulated in float64), so that finite entries whose float32 norm overflows are
         clipped, not skipped.
         """
-        self._require_async("decide")
+        self._require_no_scaler("decide")
         params, grads = self._owned_grads()
         norms, total, own = measure(grads, self.norm_type, wide=True)
         stats = GradStats(lambda: self._names_of(params), norms, total, None, self.norm_type)
@@ -330,9 +337,13 @@ class GradGuard(GuardBase):
 
     @torch.no_grad()
     def apply(self, result: GuardResult) -> None:
-        """Take the step :meth:`decide` decided: ``optimizer.step()``, undone on the device if it was
-        a skip (no read). Every ``check_every`` steps, raise a recorded error (:meth:`check`)."""
-        self._require_async("apply")
+        """Take the step :meth:`decide` decided.
+
+        ``sync=False``: ``optimizer.step()``, undone on the device if it was a skip (no read);
+        every ``check_every`` steps, raise a recorded error (:meth:`check`). ``sync=True``: read
+        the verdict (one integer) and call ``optimizer.step()`` only on a step taken; a skip
+        reads the recorded errors at once and raises them, as ``step()`` does."""
+        self._require_no_scaler("apply")
         if not isinstance(result, GuardResult):
             raise TypeError(f"result must be the GuardResult of decide(), got {type(result).__name__}")
         if result._guard is not self:
@@ -343,6 +354,13 @@ class GradGuard(GuardBase):
         result._applied = True
         self._groups = self.optimizer.param_groups  # load_state_dict() replaces the list
         try:
+            if self.sync:
+                result._verdict = int(result.code)  # the one read
+                if result._verdict in (OK, ZEROED):
+                    self.optimizer.step()
+                else:
+                    self.check()
+                return
             self._step_or_undo(result.code, self._owned_grads()[0])
             self._unchecked += 1
             if self._unchecked >= self.check_every:
@@ -351,11 +369,10 @@ class GradGuard(GuardBase):
             if self.monitor is not None:
                 self.monitor.after_step()
 
-    def _require_async(self, method: str) -> None:
-        if self.sync or self._scaler() is not None:
-            raise ValueError(f"{method}() is for a guard built with sync=False and no GradScaler: with sync=True "
-                             "(or a scaler) step() reads the verdict and calls optimizer.step() only on a step "
-                             "taken; call step() alone")
+    def _require_no_scaler(self, method: str) -> None:
+        if self._scaler() is not None:
+            raise ValueError(f"{method}() is for a guard without a GradScaler: under loss scaling step() "
+                             "unscales, reads the scaler's flag and updates the scaler; call step() alone")
 
     def _overflow(self, nonfinite: bool):
         """Under loss scaling: ``"overflow"`` for an expected overflow, else None (decide as usual)."""
