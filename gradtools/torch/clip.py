@@ -74,7 +74,11 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     grads = _local_grads(parameters)
     if not grads:
         return
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    _scale_(grads, torch.clamp(max_norm / (total_norm + 1e-6), max=1.0), foreach)
+
+
+def _scale_(grads: list, coef: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply ``grads`` by the 0-d ``coef`` in place, one foreach call per device and dtype."""
     for idx, use_foreach in device_groups(grads, foreach):
         group = [grads[i] for i in idx]
         c = coef if coef.device == group[0].device else coef.to(group[0].device)
@@ -421,12 +425,5 @@ class Clipper(ClipperBase):
             coef = torch.where(torch.isfinite(own), _factor(threshold, own).to(coef.dtype), coef)
         if where is not None:
             coef = torch.where(where, coef, torch.ones_like(coef))
-        for idx, use_foreach in device_groups(grads := _local_grads(parameters), None):
-            group = [grads[i] for i in idx]
-            c = coef if coef.device == group[0].device else coef.to(group[0].device)
-            if use_foreach:
-                torch._foreach_mul_(group, c)
-            else:
-                for g in group:
-                    g.mul_(c)
+        _scale_(_local_grads(parameters), coef, None)
         return coef
