@@ -31,9 +31,10 @@ class GradStats:
 
     ``names``: the parameters (PyTorch module paths such as ``"0.weight"``) or
     variables (Keras paths such as ``"sequential/dense_0/kernel"``) that had a
-    gradient (a compiled step names them when they are first read); ``norms``: a 1-d tensor of their norms in that order; ``total``: the
-    0-d global norm (the norm of ``norms``, as ``torch.nn.utils.get_total_norm``
-    computes it); ``nonfinite``: a 1-d int64 tensor of inf/nan entry counts, or
+    gradient (a compiled step names them when they are first read); ``norms``: a
+    1-d tensor of their norms in that order; ``total``: the 0-d global norm (the
+    norm of ``norms``, as ``torch.nn.utils.get_total_norm`` computes it);
+    ``nonfinite``: a 1-d int64 tensor of inf/nan entry counts, or
     None when they were not counted (PyTorch counts them when first read, from
     the gradients as they are then); ``norm_type``: the p of the p-norm.
     """
