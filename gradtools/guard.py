@@ -138,18 +138,25 @@ class StepDecider(Stateful):
         state = policy.arrays(xp)
         threshold, new = policy.update(state, norm, xp)
         pending.append((state, select(proceed, new, state, xp)))
-        return threshold if isinstance(threshold, float) else xp.where(proceed, threshold, math.inf)
+        if type(threshold) is float:  # a constant (FixedThreshold), not a NumPy scalar computed this step
+            return threshold
+        return xp.where(proceed, threshold, math.inf)
 
-    def raise_for(self, code: int, too_many: bool, first_bad=None, bad_count=None, note: str = "") -> None:
-        """Raise what a decision read on the host calls for (nothing for a step taken or skipped quietly)."""
-        steps = self.steps
+    def raise_for(self, code: int, too_many: bool, first_bad=None, bad_count=None, note: str = "",
+                  steps: int | None = None, consecutive: int | None = None) -> None:
+        """Raise what a decision read on the host calls for (nothing for a step taken or skipped quietly).
+
+        ``steps`` and ``consecutive`` (default: the counters now) are those of the decision,
+        for a decision recorded on a device and read later.
+        """
+        steps = self.steps if steps is None else steps
         if code == NONFINITE and self.action == "raise":
             count = "" if bad_count is None else f" ({bad_count} non-finite entries in all)"
             where = "" if first_bad is None else f": first in {self.kind} {first_bad!r}"
             raise NonFiniteGradientError(f"non-finite gradient at step {steps}{where}{count}{note}")
         if too_many:
             raise TooManySkipsError(
-                f"skipped {self.consecutive_skips} consecutive steps (last at step {steps}, reason: "
+                f"skipped {self.consecutive_skips if consecutive is None else consecutive} consecutive steps (last at step {steps}, reason: "
                 f"{REASONS[code]}); max_consecutive_skips={self.max_consecutive_skips}. Lower the learning "
                 "rate or inspect the data."
             )
@@ -211,9 +218,7 @@ class StepDecider(Stateful):
         # whose PyTorch guard did not hold it) leaves the policy's own state as it is.
         if self.policy is not None and "policy" in state_dict:
             self.policy.load_state_dict(state_dict["policy"])
-        xp = self._xp
-        self._s, self._xp = counters, NUMPY
-        self.arrays(xp)
+        self._store(counters)  # where the state lives
 
 
 class GuardBase:

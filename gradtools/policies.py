@@ -77,11 +77,35 @@ class Stateful:
         return {"steps": xp.asarray(0, xp.int)}
 
     def arrays(self, xp=NUMPY) -> dict:
-        """The running state as arrays of ``xp``, moved there (through NumPy) if held elsewhere."""
+        """The running state as arrays of ``xp``, moved there (through NumPy) if held elsewhere.
+
+        State held in a pinned namespace (TensorFlow variables that a traced Keras step
+        captured) does not move: it is read (``state_dict()``, ``step()``) and written
+        (``load_state_dict()``) in place.
+        """
         if self._xp.key != xp.key:
+            if getattr(self._xp, "pinned", False):
+                raise RuntimeError(f"this {type(self).__name__}'s state lives in {self._xp.key[0]} variables that "
+                                   f"a compiled step updates; it cannot also run in {xp.key[0]}: give each "
+                                   "optimizer a policy (or spike detector) of its own")
             host = {k: self._xp.to_numpy(v) for k, v in self._s.items()}
             self._s, self._xp = {k: xp.from_numpy(v) for k, v in host.items()}, xp
         return self._s
+
+    def _store(self, new: dict) -> None:
+        """Write NumPy values into the state where it lives (in place when it is pinned)."""
+        xp = self._xp
+        if getattr(xp, "pinned", False):
+            xp.assign(self._s, new)
+        else:
+            self._s = {**self._s, **{k: xp.from_numpy(np.asarray(v)) for k, v in new.items()}}
+
+    def _host_step(self, fn, *args):
+        """Run ``fn(state, *args, NUMPY)`` on a host copy of the state; store the new state; return the rest."""
+        out, new = NUMPY.run(fn, self._host() if getattr(self._xp, "pinned", False) else self.arrays(NUMPY),
+                             *args)
+        self._store(new)
+        return out
 
     def _host(self) -> dict:
         return {k: self._xp.to_numpy(v) for k, v in self._s.items()}
@@ -93,7 +117,7 @@ class Stateful:
 
     @steps.setter
     def steps(self, value: int) -> None:
-        self.arrays(NUMPY)["steps"] = np.asarray(value, dtype=np.int64)
+        self._store({"steps": np.asarray(value, dtype=np.int64)})
 
     def _export(self, state: dict) -> dict:
         return {}
@@ -133,9 +157,7 @@ class Stateful:
         fresh = self.init_state(NUMPY)
         fresh.update(self._import(state_dict))
         fresh["steps"] = np.asarray(steps, dtype=np.int64)
-        xp = self._xp
-        self._s, self._xp = fresh, NUMPY
-        self.arrays(xp)  # back where it lived
+        self._store(fresh)  # where the state lives
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -160,9 +182,7 @@ class Policy(Stateful):
         g = _norm_value(norm)
         if type(self).update is None:  # pragma: no cover - a subclass that overrides neither
             raise NotImplementedError(f"{type(self).__name__} must define step() or update()")
-        threshold, new = NUMPY.run(self.update, self.arrays(NUMPY), np.float64(g), NUMPY)
-        NUMPY.assign(self._s, new)
-        return float(threshold)
+        return float(self._host_step(self.update, np.float64(g), NUMPY))
 
 
 class FixedThreshold(Policy):
@@ -242,7 +262,8 @@ class AutoClip(Policy):
 
     def threshold(self) -> float:
         """The current threshold without recording anything (inf if no history)."""
-        return float(NUMPY.run(self._percentile, self.arrays(NUMPY)["history"], self.arrays(NUMPY)["count"], NUMPY))
+        host = self._host()
+        return float(NUMPY.run(self._percentile, host["history"], host["count"], NUMPY))
 
     def _percentile(self, buf, count, xp):
         n = xp.minimum(count, self.history_size)
@@ -481,9 +502,7 @@ class SpikeDetector(Stateful):
         """Record ``norm`` (and ``loss``) and return True if this step is a spike."""
         g = np.float64(_norm_value(norm))
         l_val = None if loss is None else np.float64(_norm_value(loss, "loss"))
-        spike, new = NUMPY.run(self.update, self.arrays(NUMPY), g, NUMPY, l_val)
-        NUMPY.assign(self._s, new)
-        return bool(spike)
+        return bool(self._host_step(self.update, g, NUMPY, l_val))
 
 
 _REGISTRY: dict[str, type] = {}

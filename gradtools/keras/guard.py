@@ -1,20 +1,31 @@
 """The guard for Keras 3: skip, raise or zero on a bad gradient, inside the graph.
 
-The twin of :mod:`gradtools.torch.guard`. The decision is the same Python object
-as in PyTorch, a :class:`gradtools.guard.StepDecider` fed the clipper's policy:
-:meth:`GradGuard.check` measures the gradients in the graph and calls the
-decider once per step through ``tf.py_function``, so both frameworks take
-identical decisions on the same norms. A skipped step runs inside ``tf.cond``:
-neither the weights nor the optimizer's variables (moments, iteration count)
-change. :class:`gradtools.keras.GradOptimizer` uses a guard inside ``fit()``;
-:meth:`GradGuard.apply` does the same in a custom training loop.
+The twin of :mod:`gradtools.torch.guard`. The decision is the same Python code
+as in PyTorch, :meth:`gradtools.guard.StepDecider.decide_arrays` fed the
+clipper's policy, run with TensorFlow operations (:mod:`gradtools.keras._ops`)
+inside the train step: both frameworks take identical decisions on the same
+norms, nothing is read back to the host, and the step compiles with XLA
+(``jit_compile=True``, what Keras picks on a GPU). The decider's, the spike
+detector's and the policy's state live in TensorFlow variables from the first
+traced step on (eagerly, until then, a guard decides with NumPy). A skipped
+step runs inside ``tf.cond``: neither the weights nor the optimizer's variables
+(moments, iteration count) change. :class:`gradtools.keras.GradOptimizer` uses
+a guard inside ``fit()``; :meth:`GradGuard.apply` does the same in a custom
+training loop.
 
-Running Python once per step means the step cannot be XLA-compiled: compile the
-model with ``jit_compile=False`` (``GradGuard`` raises a clear error otherwise).
-With ``action="raise"`` (or after too many skips) training stops before the
-update; inside ``fit()`` the error reaches the caller as a
-``tf.errors.UnknownError`` carrying the guard's message, and the original
-``NonFiniteGradientError`` / ``TooManySkipsError`` is kept in ``last_error``.
+With ``action="raise"`` (or after too many skips) the step is not taken, and:
+
+* eagerly, the error is raised at once;
+* in a ``tf.function`` without XLA, it is raised in the graph, through
+  ``tf.py_function`` on that path only: inside ``fit()`` it reaches the caller as
+  a ``tf.errors.UnknownError`` carrying the guard's message;
+* under XLA, which cannot call Python, the step records it on the device and
+  :meth:`GradGuard.check_recorded` raises it on the host: ``GradOptimizer``
+  does that after each batch of ``fit()`` (see :mod:`gradtools.keras.optimizer`).
+
+The original ``NonFiniteGradientError`` / ``TooManySkipsError`` is kept in
+``last_error``. A policy of your own with only ``step()`` runs on the host, through
+``tf.py_function``: not under XLA.
 
 Example:
     >>> import keras, numpy as np, gradtools.keras as gk
@@ -34,7 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradtools.guard import GuardBase, NonFiniteGradientError, TooManySkipsError
+from gradtools.guard import NONFINITE, GuardBase, NonFiniteGradientError, TooManySkipsError
+from gradtools.keras._ops import TENSORFLOW
 from gradtools.keras.clip import clip_grads_with_norm
 from gradtools.keras.norms import _check_grads, _norms, _path, _zero_nonfinite, count_nonfinite_entries
 from gradtools.policies import SpikeDetector
@@ -100,7 +112,88 @@ class GradGuard(GuardBase):
         self.last_error = None
         self._names: list = []
 
-    # ------------------------------------------------------------------ host side, once per step
+    # ------------------------------------------------------------------ where the state lives
+    @property
+    def on_device(self) -> bool:
+        """Whether the decision runs as TensorFlow operations (every policy but a host-only one)."""
+        policy = self.decider.policy
+        return policy is None or policy.on_device()
+
+    @property
+    def placed(self) -> bool:
+        """Whether the state lives in TensorFlow variables (from the first traced step on)."""
+        return self.decider._xp is TENSORFLOW
+
+    def place(self) -> None:
+        """Move the decision's state into TensorFlow variables, once, eagerly (also while tracing).
+
+        ``GradOptimizer`` calls it when it is built; a guard of a custom loop at its first
+        traced step. Then ``state_dict()`` reads the variables and ``load_state_dict()``
+        writes into them, so a step traced before a load sees the loaded state.
+        """
+        if self.placed or not self.on_device:
+            return
+        self.decider.arrays(TENSORFLOW)
+        if self.decider.spike is not None:
+            self.decider.spike.arrays(TENSORFLOW)
+        if self.decider.policy is not None:
+            self.decider.policy.arrays(TENSORFLOW)
+        with tf.init_scope():
+            # kind (0 none, 1 non-finite, 2 too many skips), step, index, entries, reason, skips in a row
+            self._alarm = tf.Variable(tf.zeros([6], tf.int64), trainable=False, name="gradtools_alarm")
+
+    # ------------------------------------------------------------------ raising, on the host
+    def _raise_row(self, row):
+        """Raise what a recorded decision calls for: ``row`` as :meth:`_alarm_row` makes it."""
+        kind, step, index, count, code, consecutive = (int(v) for v in np.asarray(row))
+        if kind == 0:
+            return np.int64(0)
+        first = None
+        if kind == 1:
+            first = self._names[index] if index < len(self._names) else str(index)
+        try:
+            self.decider.raise_for(code, kind == 2, first, count if kind == 1 else None, steps=step,
+                                   consecutive=consecutive)
+        except (NonFiniteGradientError, TooManySkipsError) as exc:
+            self.last_error = exc  # fit() re-raises it wrapped in a tf.errors.UnknownError
+            raise
+        return np.int64(0)  # pragma: no cover - kind 1 or 2 always raises
+
+    def check_recorded(self) -> None:
+        """Raise the first error that a step compiled with XLA recorded, if any (reads six integers).
+
+        ``GradOptimizer`` calls it after each batch of ``fit()`` (and :meth:`GradOptimizer.check`);
+        call it in a custom loop whose step is XLA-compiled. Without XLA the error was raised
+        in the step itself.
+        """
+        alarm = getattr(self, "_alarm", None)
+        if alarm is None:
+            return
+        row = alarm.numpy()
+        if row[0] != 0:
+            alarm.assign(tf.zeros_like(alarm))
+            self._raise_row(row)
+
+    def _alarm_row(self, out, counts):
+        s = self.decider.arrays(TENSORFLOW)  # read after the decision's update
+        kind = TENSORFLOW.where((out["code"] == NONFINITE) & (self.action == "raise"), 1,
+                                TENSORFLOW.where(out["too_many"], 2, 0))
+        return tf.stack([kind, tf.convert_to_tensor(s["steps"]), tf.argmax(counts > 0, output_type=tf.int64),
+                         tf.reduce_sum(counts), tf.cast(out["code"], tf.int64),
+                         tf.convert_to_tensor(s["consecutive_skips"])])
+
+    def _raise_if_needed(self, out, counts) -> None:
+        row = self._alarm_row(out, counts)
+        if tf.executing_eagerly():
+            self._raise_row(row)
+        elif in_xla_context():  # XLA cannot call Python: record the first, for check_recorded()
+            alarm = self._alarm
+            alarm.assign(tf.where((alarm[0] == 0) & (row[0] != 0), row, alarm))
+        else:
+            tf.cond(row[0] != 0, lambda: tf.py_function(self._raise_row, [row], tf.int64),
+                    lambda: tf.constant(0, tf.int64))
+
+    # ------------------------------------------------------------------ a host-only policy
     def _decide(self, total, counts):
         counts = np.asarray(counts)
         bad = np.flatnonzero(counts)
@@ -129,24 +222,7 @@ class GradGuard(GuardBase):
         verdict.set_shape(())
         return threshold, verdict
 
-    # ------------------------------------------------------------------ in the graph
-    def check(self, grads, names=None) -> GuardCheck:
-        """Measure ``grads`` and decide, once, through the shared decider.
-
-        ``names`` (variable paths) name the culprit in errors. Works eagerly and in a
-        ``tf.function``, but not under XLA.
-        """
-        if in_xla_context():
-            raise ValueError("the gradtools guard and clipping policies run on the host once per step, which XLA "
-                             "cannot compile: use model.compile(..., jit_compile=False) (or tf.function without "
-                             "jit_compile)")
-        if names is not None:
-            self._names = list(names)
-        grads = _check_grads(grads)
-        norms, total = _norms(grads, self.norm_type)
-        # A finite global norm proves every entry finite: count only when it is not.
-        counts = tf.cond(tf.math.is_finite(total), lambda: tf.zeros([len(grads)], tf.int64),
-                         lambda: count_nonfinite_entries(grads))
+    def _check_on_host(self, grads, norms, total, counts) -> GuardCheck:
         threshold, verdict = self._host(self._decide, [total, counts])
         checked = total
         if self.decider.action == "zero":
@@ -159,6 +235,41 @@ class GradGuard(GuardBase):
             grads, threshold, verdict, checked = tf.cond(verdict == 2, zero_then_decide,
                                                          lambda: (list(grads), threshold, verdict, total))
         return GuardCheck(list(grads), norms, total, counts, threshold, verdict == 1, checked)
+
+    # ------------------------------------------------------------------ in the graph
+    def check(self, grads, names=None) -> GuardCheck:
+        """Measure ``grads`` and decide, once, with the shared decider.
+
+        ``names`` (variable paths) name the culprit in errors. Works eagerly, in a
+        ``tf.function`` and under XLA (not with a host-only policy).
+        """
+        if names is not None:
+            self._names = list(names)
+        if not self.on_device and in_xla_context():
+            raise ValueError(f"the clipping policy {type(self.decider.policy).__name__} has only step(), which runs "
+                             "on the host and XLA cannot compile: define init_state() and update() (see "
+                             "gradtools.policies), or use model.compile(..., jit_compile=False)")
+        grads = _check_grads(grads)
+        norms, total = _norms(grads, self.norm_type)
+        # A finite global norm proves every entry finite: count only when it is not.
+        counts = tf.cond(tf.math.is_finite(total), lambda: tf.zeros([len(grads)], tf.int64),
+                         lambda: count_nonfinite_entries(grads))
+        if not self.on_device or (tf.executing_eagerly() and not self.placed):
+            return self._check_on_host(grads, norms, total, counts)
+        self.place()
+        nonfinite = tf.reduce_any(counts > 0)
+        checked = total
+        if self.action == "zero":
+            def zeroed():
+                z = [_zero_nonfinite(g) for g in grads]
+                return z, _norms(z, self.norm_type)[1]
+
+            grads, checked = tf.cond(nonfinite, zeroed, lambda: (list(grads), total))
+        out = self.decider.decide_arrays(tf.cast(checked, tf.float64), nonfinite, TENSORFLOW)
+        self._raise_if_needed(out, counts)
+        threshold = tf.cast(out["threshold"], tf.float32)
+        return GuardCheck(list(grads), norms, total, counts, threshold, tf.convert_to_tensor(out["proceed"]),
+                          checked)
 
     def clip(self, check: GuardCheck):
         """The checked gradients clipped to the decider's threshold, and their norm after."""

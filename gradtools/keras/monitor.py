@@ -92,6 +92,39 @@ class _WithStatistics:
         return logs
 
 
+class _CheckedTrainFunction:
+    """A model's train function, then ``GradOptimizer.check()``: the error that an XLA-compiled
+    step recorded (``action="raise"``, too many skips) is raised on the host after its batch.
+
+    ``GradOptimizer`` installs it while the train step is traced under XLA, that is during the
+    first batch's call: the first call through it checks before the batch too.
+    """
+
+    def __init__(self, function, optimizer):
+        self.function = function
+        self.optimizer = optimizer
+        self._first = True
+
+    def __call__(self, *args, **kwargs):
+        if self._first:
+            self._first = False
+            self.optimizer.check()
+        out = self.function(*args, **kwargs)
+        self.optimizer.check()
+        return out
+
+    @staticmethod
+    def install(model, optimizer) -> None:
+        """Wrap ``model.train_function`` (once: a wrapper already in the chain stays alone)."""
+        f = model.train_function
+        while isinstance(f, (_WithStatistics, _CheckedTrainFunction)):
+            if isinstance(f, _CheckedTrainFunction) and f.optimizer is optimizer:
+                return
+            f = f.function
+        if model.train_function is not None:
+            model.train_function = _CheckedTrainFunction(model.train_function, optimizer)
+
+
 class GradientLogger(keras.callbacks.Callback):
     """Gradient statistics of ``model.fit()``: in the batch and epoch logs, and every step in ``self.history``.
 
@@ -125,7 +158,7 @@ class GradientLogger(keras.callbacks.Callback):
         >>> out = keras.layers.Dense(1, name="out")
         >>> model = keras.Sequential([keras.Input((3,)), out], name="net")
         >>> opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), clip=1.0)
-        >>> model.compile(optimizer=opt, loss="mse", jit_compile=False)
+        >>> model.compile(optimizer=opt, loss="mse")
         >>> x, y = np.ones((8, 3), np.float32), np.zeros((8, 1), np.float32)
         >>> logger = gk.GradientLogger(per_layer=True)
         >>> h = model.fit(x, y, batch_size=4, epochs=2, callbacks=[logger], verbose=0)
@@ -162,9 +195,6 @@ class GradientLogger(keras.callbacks.Callback):
             raise ValueError("GradientLogger needs the model compiled with gradtools.keras.GradOptimizer, got "
                              f"{type(opt).__name__}")
         self.optimizer = opt
-        if getattr(model, "jit_compile", False) is True:
-            raise ValueError("GradientLogger/GradOptimizer need model.compile(..., jit_compile=False): the guard and "
-                             "the clipping policies run on the host once per step, which XLA cannot compile")
 
     def on_train_begin(self, logs=None):
         self._uninstall()  # a wrapper that an interrupted fit() left behind
@@ -185,8 +215,17 @@ class GradientLogger(keras.callbacks.Callback):
     def _uninstall(self):
         self._armed = False
         model = self.model
-        if model is not None and isinstance(model.train_function, _WithStatistics):
-            model.train_function = model.train_function.function
+        if model is None:
+            return
+        outer, f = None, model.train_function  # GradOptimizer may have wrapped this logger's wrapper
+        while isinstance(f, (_WithStatistics, _CheckedTrainFunction)):
+            if isinstance(f, _WithStatistics):
+                if outer is None:
+                    model.train_function = f.function
+                else:
+                    outer.function = f.function
+                return
+            outer, f = f, f.function
 
     def on_epoch_begin(self, epoch, logs=None):
         self.optimizer.reset_epoch_means()

@@ -35,9 +35,18 @@ the same step. The inner optimizer's own clipping (``clipnorm``, ``global_clipno
 ``accumulation_steps`` replace them), and so is a ``LossScaleOptimizer`` inside: it
 goes outside, ``LossScaleOptimizer(GradOptimizer(...))``, as ``compile()`` puts it.
 
-Requirements: a non-XLA train function, ``model.compile(..., jit_compile=False)``
-(the decision runs in Python once per step); tracing under XLA raises a clear
-error. The policy's and the guard's running state (AutoClip history, ZClip
+XLA: the decisions run as TensorFlow operations inside the train step
+(:mod:`gradtools.keras.guard`), so ``model.compile(..., jit_compile=True)`` (and
+``"auto"``, which Keras resolves to XLA on a GPU) compiles the whole step:
+guard, policy, accumulation, statistics and recording. An error that XLA cannot
+raise in the step (``action="raise"``, too many skips) is raised on the host
+after the batch: ``fit()`` and ``train_on_batch()`` check after each call of the
+train function, a custom loop calls :meth:`GradOptimizer.check`. Keras turns XLA
+off when TensorFlow's op determinism is on (``gradtools.runtime.setup()`` turns
+it on for the book), whatever ``jit_compile`` says. A clipping policy of your own
+that has only ``step()`` runs on the host: not under XLA.
+
+The policy's and the guard's running state (AutoClip history, ZClip
 statistics, spike window, skip counters) is written into ``.keras`` and
 ``.weights.h5`` files with the optimizer's variables, so a resumed run takes the
 same decisions as an uninterrupted one.
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -54,8 +64,8 @@ import numpy as np
 from gradtools import _checks
 from gradtools.keras.accumulate import GradientAccumulator
 from gradtools.keras.clip import Clipper, adaptive_clip_grad
-from gradtools.keras.guard import GradGuard
-from gradtools.keras.monitor import GLOBAL_KEYS, Recorder
+from gradtools.keras.guard import GradGuard, in_xla_context
+from gradtools.keras.monitor import GLOBAL_KEYS, Recorder, _CheckedTrainFunction
 from gradtools.keras.norms import _map_values, _norms, _path
 from gradtools.policies import SpikeDetector, get_policy, policy_config, policy_from_config
 from gradtools.runtime import import_keras
@@ -147,7 +157,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         >>> keras.utils.set_random_seed(0)
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
         >>> opt = gk.GradOptimizer(keras.optimizers.Adam(1e-2), clip="zclip")
-        >>> model.compile(optimizer=opt, loss="mse", jit_compile=False)
+        >>> model.compile(optimizer=opt, loss="mse")
         >>> x = np.ones((8, 3), np.float32)
         >>> x[0, 0] = np.nan  # one poisoned batch of the two
         >>> _ = model.fit(x, np.zeros((8, 1)), batch_size=4, verbose=0)
@@ -260,6 +270,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
             self.layer_applied_count = scalar("epoch_layer_applied_steps")
             self.accumulator.build(self, var_list)
         self.micro_step = self.accumulator.micro_step
+        self.guard.place()  # the decision's state in variables, before any step is traced
         self.inner_optimizer.build(var_list)
         self._building = True
         try:
@@ -436,6 +447,17 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+        self.check()  # fit() calls it at its end: an error an XLA step recorded is not lost
+
+    def check(self) -> None:
+        """Raise the first error that a step compiled with XLA recorded, if any.
+
+        ``action="raise"`` and ``max_consecutive_skips`` stop training with an error, but
+        XLA cannot raise inside the step: the step is skipped and the error recorded on
+        the device. ``fit()`` calls this after each batch; call it in a custom loop whose
+        step is compiled with ``jit_compile=True``. Reads six integers.
+        """
+        self.guard.check_recorded()
 
     def get_config(self):
         spike = self.decider.spike
@@ -545,6 +567,8 @@ class GradOptimizer(keras.optimizers.Optimizer):
                 raise ValueError(f"batch_size={'None' if batch_size is None else 'a value'} here, but earlier "
                                  f"apply() calls {said} one: pass batch_size on every call or on none, or a "
                                  "window mixes weights of samples and weights of 1")
+        if in_xla_context():
+            self._check_after_each_batch()
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
@@ -572,6 +596,24 @@ class GradOptimizer(keras.optimizers.Optimizer):
             grads = [_map_values(lambda t: t / ops.cast(scale, t.dtype), g) for g in grads]
         with tf.control_dependencies(batch_size_checks):  # nothing changes before they hold
             self._apply_checked(grads, variables, index, batch_size)
+
+    def _check_after_each_batch(self) -> None:
+        """Under XLA, while the train step is traced: find the Keras model whose step calls this
+        optimizer (its ``train_step`` frame, a few frames up) and have its train function call
+        :meth:`check` after each batch. A custom loop finds none and calls ``check()`` itself."""
+        frame = sys._getframe(2)
+        for _ in range(12):
+            if frame is None:
+                return
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.Model):
+                opt = getattr(owner, "optimizer", None)
+                while opt is not None and opt is not self and isinstance(opt, keras.optimizers.Optimizer):
+                    opt = getattr(opt, "inner_optimizer", None)  # through a LossScaleOptimizer
+                if opt is self:
+                    _CheckedTrainFunction.install(owner, self)
+                return
+            frame = frame.f_back
 
     def _apply_checked(self, grads, variables, index, batch_size):
         replica = tf.distribute.get_replica_context()
