@@ -43,19 +43,23 @@ _ENV = {
     "keras": {
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_ENABLE_ONEDNN_OPTS": "0",
-        "TF_DETERMINISTIC_OPS": "1",
-        "TF_CUDNN_DETERMINISTIC": "1",
         "KERAS_BACKEND": "tensorflow",
     },
-    # PyTorch: deterministic cuBLAS on GPUs; harmless on CPU.
+    "torch": {},
+}
+# Only with determinism (TF_DETERMINISTIC_OPS switches op determinism on, and Keras then compiles
+# without XLA). PyTorch: deterministic cuBLAS on GPUs; harmless on CPU.
+_DETERMINISTIC_ENV = {
+    "keras": {"TF_DETERMINISTIC_OPS": "1", "TF_CUDNN_DETERMINISTIC": "1"},
     "torch": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
 }
 
 
-def _set_env(frameworks=("torch", "keras")) -> None:
+def _set_env(frameworks=("torch", "keras"), deterministic: bool = True) -> None:
     """The environment of the named frameworks only (kept where the user set it already)."""
     for group in ("common", *frameworks):
-        for key, value in _ENV[group].items():
+        settings = {**_ENV[group], **(_DETERMINISTIC_ENV.get(group, {}) if deterministic else {})}
+        for key, value in settings.items():
             os.environ.setdefault(key, value)
 
 
@@ -110,24 +114,32 @@ def _quiet_tensorflow_loggers() -> None:
         pass
 
 
-def seed_everything(seed: int = 0, frameworks=("torch", "keras")) -> None:
-    """Seed Python, NumPy and the named frameworks, and make them deterministic."""
+def seed_everything(seed: int = 0, frameworks=("torch", "keras"), deterministic: bool = True) -> None:
+    """Seed Python, NumPy and the named frameworks, and (``deterministic``) make them deterministic.
+
+    ``deterministic=False`` leaves PyTorch's deterministic algorithms and TensorFlow's op
+    determinism as they are: with op determinism on, Keras compiles without XLA whatever
+    ``jit_compile`` says.
+    """
     seed = _checks.integer("seed", seed, minimum=0)
+    deterministic = _checks.boolean("deterministic", deterministic)
     random.seed(seed)
     np.random.seed(seed)
     if "torch" in frameworks:
         import torch
 
         torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
     if "keras" in frameworks:
-        _set_env(("keras",))
+        _set_env(("keras",), deterministic)
         keras = import_keras()
         import tensorflow as tf
 
         _quiet_tensorflow_loggers()
         keras.utils.set_random_seed(seed)
-        tf.config.experimental.enable_op_determinism()
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
 
 
 def _setup_matplotlib() -> None:
@@ -147,23 +159,27 @@ def _setup_matplotlib() -> None:
     matplotlib.rcParams.update({"figure.dpi": 80, "savefig.dpi": 80, "svg.hashsalt": "gradtools"})
 
 
-def setup(seed: int = 0, frameworks=("torch", "keras")) -> dict:
+def setup(seed: int = 0, frameworks=("torch", "keras"), deterministic: bool = True) -> dict:
     """Prepare a notebook or script: environment, seeds, determinism, plotting.
 
     Args:
         seed (int): the seed for every generator, default 0.
         frameworks (tuple of str): any of ``"torch"`` and ``"keras"``.
+        deterministic (bool): switch on PyTorch's deterministic algorithms and
+            TensorFlow's op determinism, default True (the book's chapters). With it,
+            Keras compiles without XLA; pass False to keep XLA (``jit_compile=True``).
 
     Returns:
         dict with the seed and the versions of what was set up (for a
         reproducibility line at the top of a chapter).
     """
+    deterministic = _checks.boolean("deterministic", deterministic)
     unknown = set(frameworks) - {"torch", "keras"}
     if unknown:
         raise ValueError(f"frameworks must contain only 'torch' and 'keras', got {tuple(frameworks)!r}")
-    _set_env(frameworks)
+    _set_env(frameworks, deterministic)
     _setup_matplotlib()
-    seed_everything(seed, frameworks)
+    seed_everything(seed, frameworks, deterministic)
     info = {"seed": seed, "numpy": np.__version__}
     if "torch" in frameworks:
         import torch

@@ -2,7 +2,7 @@
 
 The README's Python blocks each run in a fresh interpreter, without the book's
 ``setup()``, exactly as a reader pastes them into their own script: that is how an
-import-time side effect (or a missing ``jit_compile=False``) would show.
+import-time side effect would show.
 """
 
 import doctest

@@ -51,7 +51,11 @@ model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers
 model.compile(optimizer=gk.GradOptimizer(keras.optimizers.Adam(1e-3), clip="zclip"), loss="mse", jit_compile=False)
 model.fit(np.ones((16, 4), "float32"), np.ones((16, 1), "float32"), epochs=1, verbose=0)
 out["fit"] = True
-# XLA (what Keras' default jit_compile="auto" picks on a GPU machine): the step really compiles
+# XLA (what Keras' default jit_compile="auto" picks on a GPU machine): the step really compiles,
+# also after the book's setup() told to leave determinism off
+from gradtools.runtime import setup
+setup(seed=0, frameworks=("keras",), deterministic=False)
+out["determinism"] = out["determinism"] or config.is_op_determinism_enabled()
 opt = gk.GradOptimizer(keras.optimizers.SGD(0.1), clip="zclip")
 model.compile(optimizer=opt, loss="mse", jit_compile=True)
 model.fit(np.ones((8, 4), "float32"), np.ones((8, 1), "float32"), epochs=1, verbose=0)
@@ -67,6 +71,15 @@ def test_importing_gradtools_keras_changes_nothing_global():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"env": [], "determinism": False, "logger": True, "fit": True, "xla": True}
+
+
+def test_setup_names_a_bad_deterministic_flag():
+    from gradtools.runtime import seed_everything, setup
+
+    with pytest.raises(TypeError, match="deterministic must be True or False, got 'no'"):
+        setup(seed=0, frameworks=(), deterministic="no")
+    with pytest.raises(TypeError, match="deterministic must be True or False, got 1"):
+        seed_everything(0, (), deterministic=1)
 
 
 def test_a_host_only_policy_is_refused_under_xla_with_a_clear_error():
