@@ -11,12 +11,14 @@ clip threshold, global norm, non-finite entries, one per-layer norm), the error
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework import config as tf_config  # noqa: E402
 
 import gradtools.keras as gk  # noqa: E402
@@ -81,10 +83,85 @@ def run(name, jit):
             "state": opt.guard.state_dict(), "weights": [w.numpy().ravel().tolist() for w in model.weights]}
 
 
+def small(optimizer, **compile_kw):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
+                              keras.layers.Dense(1, name="out")], name="net")
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=True, **compile_kw)
+    return model
+
+
+def error_of(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - what was raised is the result
+        return [type(exc).__name__, str(exc)]
+    return None
+
+
+class CustomStep(keras.Model):
+    """A model with its own train_step that calls optimizer.apply()."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((self(x) - y) ** 2)
+        self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+        return {"loss": loss}
+
+
+def paths():
+    """Where Keras runs the step: several steps per call, train_on_batch, a custom train_step,
+    a LossScaleOptimizer outside, and a save and load in between."""
+    x, y = data()
+    out = {}
+    m = small(gk.GradOptimizer(keras.optimizers.SGD(0.1), action="raise"), steps_per_execution=3)
+    out["steps_per_execution"] = {"error": error_of(lambda: m.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)),
+                                  "iterations": int(m.optimizer.iterations.numpy()), "jit_compile": m.jit_compile}
+    m = small(gk.GradOptimizer(keras.optimizers.SGD(0.1), action="raise"))
+    m.train_on_batch(x[:BATCH], y[:BATCH])
+    bad = slice(8 * BATCH, 9 * BATCH)
+    out["train_on_batch"] = {"error": error_of(lambda: m.train_on_batch(x[bad], y[bad])),
+                             "iterations": int(m.optimizer.iterations.numpy()), "jit_compile": m.jit_compile}
+    keras.utils.set_random_seed(0)
+    m = CustomStep()
+    m.compile(optimizer=gk.GradOptimizer(keras.optimizers.SGD(0.1), max_consecutive_skips=2), jit_compile=True)
+    dead = np.full_like(x, np.nan)
+    out["custom_train_step"] = {"error": error_of(lambda: m.fit(dead, y, batch_size=BATCH, verbose=0)),
+                                "iterations": int(m.optimizer.iterations.numpy()), "jit_compile": m.jit_compile}
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        m = small(gk.GradOptimizer(keras.optimizers.SGD(0.1)))
+        m.fit(x[:2 * BATCH], y[:2 * BATCH], batch_size=BATCH, verbose=0)
+        out["loss_scale"] = {"outer": type(m.optimizer).__name__, "checked": type(m.train_function).__name__,
+                             "jit_compile": m.jit_compile}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    clean = slice(24 * BATCH, None)
+    m = small(gk.GradOptimizer(keras.optimizers.Adam(1e-2), clip=ZClip(warmup_steps=5)))
+    m.fit(x[clean], y[clean], batch_size=BATCH, shuffle=False, verbose=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        m.save(os.path.join(tmp, "model.keras"))
+        loaded = keras.models.load_model(os.path.join(tmp, "model.keras"))
+    for model in (m, loaded):
+        model.fit(x[clean], y[clean], batch_size=BATCH, shuffle=False, verbose=0)
+    out["save_load"] = {"same_state": m.optimizer.guard.state_dict() == loaded.optimizer.guard.state_dict(),
+                        "jit_compile": loaded.jit_compile, "steps": m.optimizer.guard.steps}
+    return out
+
+
 def main():
     out = {"determinism": tf_config.is_op_determinism_enabled()}
     for name in CONFIGS:
         out[name] = {"eager_graph": run(name, False), "xla": run(name, True)}
+    out["paths"] = paths()
     print(json.dumps(out, default=float))
 
 

@@ -212,6 +212,7 @@ def test_fit_under_xla_takes_the_decisions_of_fit_without_it():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("determinism") is False
+    paths = out.pop("paths")
     assert len(out) == 8
     for name, r in out.items():
         plain, xla = r["eager_graph"], r["xla"]
@@ -238,3 +239,15 @@ def test_fit_under_xla_takes_the_decisions_of_fit_without_it():
     assert out["autoclip_zero_spike"]["xla"]["state"]["spike"]["spikes"] >= 1
     zclip = out["zclip_skip"]["xla"]
     assert any(t < n for t, n in zip(zclip["threshold"], zclip["norm"]) if math.isfinite(n))
+    # where else Keras runs the step: the error comes after the call that ran the bad batch
+    assert all(p["jit_compile"] is True for p in paths.values()), paths
+    spe = paths["steps_per_execution"]  # three steps per call: the bad batch (the 9th) is in the third call
+    assert spe["error"][0] == "NonFiniteGradientError" and "at step 9" in spe["error"][1] and spe["iterations"] == 8
+    tob = paths["train_on_batch"]
+    assert tob["error"][0] == "NonFiniteGradientError" and "at step 2" in tob["error"][1] and tob["iterations"] == 1
+    custom = paths["custom_train_step"]
+    assert custom["error"][0] == "TooManySkipsError" and custom["iterations"] == 0
+    assert "skipped 2 consecutive steps (last at step 2" in custom["error"][1]
+    assert paths["loss_scale"] == {"outer": "LossScaleOptimizer", "checked": "_CheckedTrainFunction",
+                                   "jit_compile": True}
+    assert paths["save_load"]["same_state"] is True and paths["save_load"]["steps"] == 48

@@ -599,10 +599,10 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
     def _check_after_each_batch(self) -> None:
         """Under XLA, while the train step is traced: find the Keras model whose step calls this
-        optimizer (its ``train_step`` frame, a few frames up) and have its train function call
+        optimizer (its ``train_step`` frame, up the stack) and have its train function call
         :meth:`check` after each batch. A custom loop finds none and calls ``check()`` itself."""
         frame = sys._getframe(2)
-        for _ in range(12):
+        for _ in range(64):  # under a LossScaleOptimizer, tracing its cond puts train_step ~20 frames up
             if frame is None:
                 return
             owner = frame.f_locals.get("self")
@@ -612,7 +612,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
                     opt = getattr(opt, "inner_optimizer", None)  # through a LossScaleOptimizer
                 if opt is self:
                     _CheckedTrainFunction.install(owner, self)
-                return
+                    return
             frame = frame.f_back
 
     def _apply_checked(self, grads, variables, index, batch_size):
