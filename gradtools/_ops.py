@@ -6,7 +6,9 @@ their state (a dict of 0-d and 1-d arrays) and of an ``xp`` namespace with the
 operations below. :data:`NUMPY` is the reference the book explains and the tests
 compare against; ``gradtools.torch`` passes a namespace of PyTorch operations on
 the gradients' device, so that the same maths runs as tensor operations: no
-value is read to the host, and ``torch.compile(fullgraph=True)`` traces it.
+value is read to the host, and ``torch.compile(fullgraph=True)`` traces it;
+``gradtools.keras`` passes TensorFlow operations on variables, so that the maths
+runs inside the train step and compiles with XLA.
 
 The state is float64 (counters int64) in every framework, so that a policy's
 running statistics do not depend on the precision of the gradients.

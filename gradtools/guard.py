@@ -48,9 +48,11 @@ class StepDecider(Stateful):
 
     The decision is :meth:`decide_arrays`, written once over the operations of an
     ``xp`` namespace (:mod:`gradtools._ops`): with NumPy on the host (``decide``,
-    what ``gradtools.keras`` calls), with PyTorch on the gradients' device (what
-    ``gradtools.torch.GradGuard`` calls, reading nothing back). The counters, the
-    spike detector's window and the policy's state all live as arrays there.
+    the reference), with PyTorch on the gradients' device (what
+    ``gradtools.torch.GradGuard`` calls, reading nothing back), with TensorFlow
+    inside a Keras train step (what ``gradtools.keras.GradGuard`` calls, XLA
+    included). The counters, the spike detector's window and the policy's state
+    all live as arrays there.
 
     Args:
         action (str): on a non-finite gradient: ``"skip"``, ``"raise"`` or
@@ -75,6 +77,10 @@ class StepDecider(Stateful):
     def init_state(self, xp) -> dict:
         zero = xp.asarray(0, xp.int)
         return {"steps": zero, "skipped": zero, "consecutive_skips": zero}
+
+    def __repr__(self) -> str:
+        return (f"StepDecider(action={self.action!r}, spike={self.spike!r}, "
+                f"max_consecutive_skips={self.max_consecutive_skips}, policy={self.policy!r})")
 
     def _count(self, key: str) -> int:
         return int(self._xp.to_numpy(self._s[key]))

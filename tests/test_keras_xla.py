@@ -61,6 +61,7 @@ def _numpy_decisions(decider):
 
 
 def _tf_decisions(decider, compile_with):
+    @tf.autograph.experimental.do_not_convert  # as gradtools.keras.GradGuard.check calls it
     def decide(norm, bad):
         out = decider.decide_arrays(norm, bad, TENSORFLOW)
         return (tf.cast(out["code"], tf.int64), tf.convert_to_tensor(out["too_many"]),

@@ -55,6 +55,10 @@ from gradtools.runtime import import_keras
 keras = import_keras()
 import tensorflow as tf  # noqa: E402
 
+# Called from a user's tf.function, AutoGraph would rewrite this code (its loops and ifs are plain
+# Python over Python values; the branches on tensors are tf.cond already): run it as written.
+_plain_python = tf.autograph.experimental.do_not_convert
+
 __all__ = ["GradGuard", "GuardCheck", "NonFiniteGradientError", "TooManySkipsError", "in_xla_context"]
 
 
@@ -124,6 +128,7 @@ class GradGuard(GuardBase):
         """Whether the state lives in TensorFlow variables (from the first traced step on)."""
         return self.decider._xp is TENSORFLOW
 
+    @_plain_python
     def place(self) -> None:
         """Move the decision's state into TensorFlow variables, once, eagerly (also while tracing).
 
@@ -237,6 +242,7 @@ class GradGuard(GuardBase):
         return GuardCheck(list(grads), norms, total, counts, threshold, verdict == 1, checked)
 
     # ------------------------------------------------------------------ in the graph
+    @_plain_python
     def check(self, grads, names=None) -> GuardCheck:
         """Measure ``grads`` and decide, once, with the shared decider.
 
@@ -279,6 +285,7 @@ class GradGuard(GuardBase):
         after = total * tf.minimum(1.0, check.threshold / (total + 1e-6))  # the norm scales linearly
         return clip_grads_with_norm(check.grads, check.threshold, total), after
 
+    @_plain_python
     def apply(self, grads, variables):
         """Check, clip and apply with ``self.optimizer``, or skip; returns a boolean tensor (stepped)."""
         if self.optimizer is None:

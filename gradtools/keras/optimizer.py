@@ -64,7 +64,7 @@ import numpy as np
 from gradtools import _checks
 from gradtools.keras.accumulate import GradientAccumulator
 from gradtools.keras.clip import Clipper, adaptive_clip_grad
-from gradtools.keras.guard import GradGuard, in_xla_context
+from gradtools.keras.guard import GradGuard, _plain_python, in_xla_context
 from gradtools.keras.monitor import GLOBAL_KEYS, Recorder, _CheckedTrainFunction
 from gradtools.keras.norms import _map_values, _norms, _path
 from gradtools.policies import SpikeDetector, get_policy, policy_config, policy_from_config
@@ -244,6 +244,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
     # ------------------------------------------------------------------ state
+    @_plain_python
     def build(self, var_list):
         if self.built:  # as Keras' own optimizers: LossScaleOptimizer and load_model build it again
             return
@@ -545,6 +546,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
             raise ValueError(f"variable {_path(variable)!r} is not one this GradOptimizer was built with "
                              f"({len(self._var_names)} variables): build a new optimizer for a new model") from None
 
+    @_plain_python
     def apply(self, grads, trainable_variables=None, batch_size=None):
         """Measure, decide, clip and step (or add to the accumulation window).
 
@@ -674,6 +676,7 @@ class GradOptimizer(keras.optimizers.Optimizer):
         strategy = self._cross_replica_strategy()
         return self.accumulator.flush(lambda window: self._apply_window(window, variables, index, strategy))
 
+    @_plain_python
     def apply_gradients(self, grads_and_vars):
         grads, variables = zip(*grads_and_vars)
         self.apply(list(grads), list(variables))
