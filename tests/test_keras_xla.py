@@ -252,3 +252,31 @@ def test_fit_under_xla_takes_the_decisions_of_fit_without_it():
     assert paths["loss_scale"] == {"outer": "LossScaleOptimizer", "checked": "_CheckedTrainFunction",
                                    "jit_compile": True}
     assert paths["save_load"]["same_state"] is True and paths["save_load"]["steps"] == 48
+
+
+def test_a_guard_in_a_custom_xla_step_clips_skips_and_records_as_without_xla():
+    def run(jit):
+        w = keras.Variable(np.zeros(2, np.float32), name="w")
+        guard = gk.GradGuard(keras.optimizers.SGD(0.1), action="raise",
+                             clipper=gk.Clipper(ZClip(warmup_steps=2, clip_option="mean")))
+        step = tf.function(lambda g: guard.apply([g], [w]), jit_compile=jit)
+        taken, error = [], None
+        for g in ([3.0, 4.0], [6.0, 8.0], [30.0, 40.0], [math.nan, 1.0], [3.0, 4.0]):
+            try:
+                stepped = False
+                stepped = bool(step(tf.constant(g)))
+                guard.check_recorded()  # under XLA the error comes here; without, from the step
+            except (gk.NonFiniteGradientError, tf.errors.UnknownError) as exc:
+                error = str(exc)
+            taken.append(stepped)
+        return w.numpy(), taken, error, guard.state_dict()
+
+    w_plain, taken_plain, error_plain, state_plain = run(False)
+    w_xla, taken_xla, error_xla, state_xla = run(True)
+    assert taken_xla == taken_plain == [True, True, True, False, True]
+    # the spike [30, 40] is clipped to the EMA mean of the norms (7.5): w moved by 0.1 * (3 + 6 + 4.5 + 3, ...)
+    np.testing.assert_allclose(w_xla, [-1.65, -2.2], rtol=1e-6)
+    np.testing.assert_allclose(w_xla, w_plain, rtol=1e-6)
+    assert error_xla == "non-finite gradient at step 4: first in variable 'w' (1 non-finite entries in all)"
+    assert error_xla in error_plain  # without XLA the same message, raised in the graph
+    _close_states(state_xla, state_plain)
