@@ -75,12 +75,17 @@ def run(name, jit):
     except Exception as exc:  # noqa: BLE001 - what fit() raised is the result
         error = [type(exc).__name__, str(exc)]
     logger.flush()
+    chain, f = [], model.train_function  # what wraps the train function once fit() is over
+    while hasattr(f, "function"):
+        chain.append(type(f).__name__)
+        f = f.function
     h = logger.history
     layer = next(k for k in h if k.startswith("grad_norm/"))
     return {"jit_compile": model.jit_compile, "error": error, "iterations": int(opt.iterations.numpy()),
             "skipped": h.get("skipped_steps", []), "threshold": h.get("clip_threshold", []),
             "norm": h.get("grad_norm", []), "nonfinite": h.get("nonfinite", []), "layer": h.get(layer, []),
-            "state": opt.guard.state_dict(), "weights": [w.numpy().ravel().tolist() for w in model.weights]}
+            "state": opt.guard.state_dict(), "weights": [w.numpy().ravel().tolist() for w in model.weights],
+            "wrappers": chain}
 
 
 def small(optimizer, **compile_kw):

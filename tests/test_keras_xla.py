@@ -226,8 +226,9 @@ def test_fit_under_xla_takes_the_decisions_of_fit_without_it():
         _close_states(xla["state"], plain["state"], rtol=2e-5)
         for a, b in zip(xla["weights"], plain["weights"]):
             np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
-        if plain["error"] is None:
-            assert xla["error"] is None, name
+        if plain["error"] is None:  # the logger's wrapper is gone; GradOptimizer's check stays, under XLA only
+            assert plain["wrappers"] == [], name
+            assert xla["error"] is None and xla["wrappers"] == ["_CheckedTrainFunction"], (name, xla["wrappers"])
         else:  # raised in the graph without XLA (wrapped), on the host after the batch under XLA (the original)
             assert plain["error"][0] == "UnknownError" and xla["error"][1] in plain["error"][1], (name, r)
     assert out["zclip_raise"]["xla"]["error"] == [
