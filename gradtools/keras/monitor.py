@@ -88,7 +88,7 @@ class _WithStatistics:
         logger._armed = False
         logs = self.function(iterator)
         if isinstance(logs, dict):
-            logs = {**logs, **logger.optimizer.statistics(logger.per_layer_batch_logs)}
+            logs = {**logs, **logger.optimizer._batch_statistics(logger.per_layer_batch_logs)}
         return logs
 
 
