@@ -101,7 +101,8 @@ class Stateful:
             self._s = {**self._s, **{k: xp.from_numpy(np.asarray(v)) for k, v in new.items()}}
 
     def _host_step(self, fn, *args):
-        """Run ``fn(state, *args, NUMPY)`` on a host copy of the state; store the new state; return the rest."""
+        """``fn(state, *args)`` with NumPy (``args`` end with the namespace) on a host copy of the
+        state; the new state is stored where the state lives; returns ``fn``'s other result."""
         out, new = NUMPY.run(fn, self._host() if getattr(self._xp, "pinned", False) else self.arrays(NUMPY),
                              *args)
         self._store(new)
