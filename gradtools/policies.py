@@ -126,8 +126,9 @@ class Stateful:
     def _import(self, state_dict: dict) -> dict:
         return {}
 
-    def get_config(self) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def get_config(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must define get_config(): the settings that rebuild it "
+                                  "(return {} if it has none), for saving and for state dicts")
 
     @classmethod
     def from_config(cls, config: dict):

@@ -127,9 +127,10 @@ def paths():
     a LossScaleOptimizer outside, and a save and load in between."""
     x, y = data()
     out = {}
-    m = small(gk.GradOptimizer(keras.optimizers.SGD(0.1), action="raise"), steps_per_execution=3)
+    m = small(gk.GradOptimizer(keras.optimizers.SGD(0.1), action="raise"), steps_per_execution=4)
     out["steps_per_execution"] = {"error": error_of(lambda: m.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)),
-                                  "iterations": int(m.optimizer.iterations.numpy()), "jit_compile": m.jit_compile}
+                                  "iterations": int(m.optimizer.iterations.numpy()), "jit_compile": m.jit_compile,
+                                  "guard_steps": m.optimizer.guard.steps}
     m = small(gk.GradOptimizer(keras.optimizers.SGD(0.1), action="raise"))
     m.train_on_batch(x[:BATCH], y[:BATCH])
     bad = slice(8 * BATCH, 9 * BATCH)

@@ -243,8 +243,10 @@ def test_fit_under_xla_takes_the_decisions_of_fit_without_it():
     assert any(t < n for t, n in zip(zclip["threshold"], zclip["norm"]) if math.isfinite(n))
     # where else Keras runs the step: the error comes after the call that ran the bad batch
     assert all(p["jit_compile"] is True for p in paths.values()), paths
-    spe = paths["steps_per_execution"]  # three steps per call: the bad batch (the 9th) is in the third call
-    assert spe["error"][0] == "NonFiniteGradientError" and "at step 9" in spe["error"][1] and spe["iterations"] == 8
+    # four steps per call: the bad batch (the 9th) opens the third call, whose other steps then do nothing
+    spe = paths["steps_per_execution"]
+    assert spe["error"][0] == "NonFiniteGradientError" and "at step 9" in spe["error"][1]
+    assert spe["iterations"] == 8 and spe["guard_steps"] == 9
     tob = paths["train_on_batch"]
     assert tob["error"][0] == "NonFiniteGradientError" and "at step 2" in tob["error"][1] and tob["iterations"] == 1
     custom = paths["custom_train_step"]

@@ -271,11 +271,23 @@ class GradGuard(GuardBase):
                 return z, _norms(z, self.norm_type)[1]
 
             grads, checked = tf.cond(nonfinite, zeroed, lambda: (list(grads), total))
-        out = self.decider.decide_arrays(tf.cast(checked, tf.float64), nonfinite, TENSORFLOW)
+        xla = in_xla_context()
+        out = self.decider.decide_arrays(tf.cast(checked, tf.float64), nonfinite, TENSORFLOW, commit=not xla)
+        proceed = tf.convert_to_tensor(out["proceed"])
+        if xla:
+            # An error recorded and not yet raised (several steps per call: steps_per_execution):
+            # the steps after it do nothing, as if the error had stopped them, which it will.
+            pending = self._alarm[0] != 0
+
+            def commit():
+                out["commit"]()
+                return tf.constant(True)
+
+            tf.cond(pending, lambda: tf.constant(False), commit)
+            proceed = proceed & ~pending
         self._raise_if_needed(out, counts)
         threshold = tf.cast(out["threshold"], tf.float32)
-        return GuardCheck(list(grads), norms, total, counts, threshold, tf.convert_to_tensor(out["proceed"]),
-                          checked)
+        return GuardCheck(list(grads), norms, total, counts, threshold, proceed, checked)
 
     def clip(self, check: GuardCheck):
         """The checked gradients clipped to the decider's threshold, and their norm after."""

@@ -39,9 +39,12 @@ XLA: the decisions run as TensorFlow operations inside the train step
 (:mod:`gradtools.keras.guard`), so ``model.compile(..., jit_compile=True)`` (and
 ``"auto"``, which Keras resolves to XLA on a GPU) compiles the whole step:
 guard, policy, accumulation, statistics and recording. An error that XLA cannot
-raise in the step (``action="raise"``, too many skips) is raised on the host
-after the batch: ``fit()`` and ``train_on_batch()`` check after each call of the
-train function, a custom loop calls :meth:`GradOptimizer.check`. Keras turns XLA
+raise in the step (``action="raise"``, too many skips) is recorded, the steps
+after it in the same call do nothing, and it is raised on the host: ``fit()`` and
+``train_on_batch()`` check after each call of the train function from the second
+on (the check is set up while the first call compiles the step, so the first
+call's error comes when the second starts, or when ``fit()`` ends); a custom loop,
+or a lone ``train_on_batch()``, calls :meth:`GradOptimizer.check`. Keras turns XLA
 off when TensorFlow's op determinism is on (``gradtools.runtime.setup()`` turns
 it on for the book), whatever ``jit_compile`` says. A clipping policy of your own
 that has only ``step()`` runs on the host: not under XLA.
@@ -465,8 +468,9 @@ class GradOptimizer(keras.optimizers.Optimizer):
 
         ``action="raise"`` and ``max_consecutive_skips`` stop training with an error, but
         XLA cannot raise inside the step: the step is skipped and the error recorded on
-        the device. ``fit()`` calls this after each batch; call it in a custom loop whose
-        step is compiled with ``jit_compile=True``. Reads six integers.
+        the device. ``fit()`` calls this after each batch (the first batch's error, before
+        the second runs) and at its end; call it in a custom loop whose step is compiled
+        with ``jit_compile=True``, and after a lone ``train_on_batch()``. Reads six integers.
         """
         self.guard.check_recorded()
 
