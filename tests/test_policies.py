@@ -194,3 +194,14 @@ def test_a_flat_history_of_negative_losses_does_not_flag_noise():
         d.step(1.0, loss=-100.0)
     assert not any(d.step(1.0, loss=-99.9) for _ in range(5))  # noise around a negative log-likelihood
     assert d.step(1.0, loss=50.0) is True  # a real jump is still caught
+
+
+def test_a_policy_without_get_config_says_what_to_define():
+    from gradtools.policies import Policy
+
+    class Halve(Policy):
+        def step(self, norm):
+            return 0.5 * float(norm)
+
+    with pytest.raises(NotImplementedError, match=r"Halve must define get_config\(\)"):
+        Halve().get_config()
