@@ -45,6 +45,7 @@ class NumpyOps:
 
     where = staticmethod(np.where)
     sqrt = staticmethod(np.sqrt)
+    cos = staticmethod(np.cos)
     abs = staticmethod(np.abs)
     minimum = staticmethod(np.minimum)
     maximum = staticmethod(np.maximum)

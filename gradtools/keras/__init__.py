@@ -37,12 +37,14 @@ from gradtools.keras.norms import GradStats, get_total_norm, grad_stats, snapsho
 from gradtools.keras.optim import make_optimizer, train, update_sizes  # noqa: E402
 from gradtools.keras.optimizer import GradOptimizer  # noqa: E402
 from gradtools.keras.schedules import OneCycle, Warmup, learning_rates  # noqa: E402
+from gradtools.keras.spikes import SPAM, AdaGC, clip_grad_norm_per_tensor, compare_defences  # noqa: E402
 from gradtools.keras.sharpness import hessian_vector_product, top_hessian_eigenvalue  # noqa: E402
 from gradtools.keras.transformer import CausalSelfAttention, Transformer, transformer, z_loss  # noqa: E402
 from gradtools.keras.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic  # noqa: E402
 
 __all__ = [
-    "accumulation_aware", "AccumulationAware", "activation_gradients", "adaptive_clip_grad", "AttentionLogits",
+    "accumulation_aware", "AccumulationAware", "activation_gradients", "AdaGC", "clip_grad_norm_per_tensor",
+    "compare_defences", "SPAM", "adaptive_clip_grad", "AttentionLogits",
     "CausalSelfAttention", "clip_grad_norm", "clip_grad_value", "clip_grads_with_norm", "Clipper", "ClipResult",
     "compare_clipping", "direction_change", "get_total_norm", "grad_stats", "GradGuard", "GradientAccumulator",
     "GradientLogger", "GradOptimizer", "GradStats", "GuardCheck", "hessian_vector_product", "layer_gradients",

@@ -57,6 +57,7 @@ class TensorFlowOps:
         return tf.where(self._tensor(cond, tf.bool), self._tensor(a, dtype), self._tensor(b, dtype))
 
     sqrt = staticmethod(tf.sqrt)
+    cos = staticmethod(tf.cos)
     abs = staticmethod(tf.abs)
     isfinite = staticmethod(tf.math.is_finite)
 

@@ -2,7 +2,7 @@
 
 The modules (``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``,
 ``lr_range``, ``sharpness``, ``flow``, ``models``, ``toys``, ``optim``,
-``schedules``, ``transformer``, ``diagnose``) have twins of the same names in
+``schedules``, ``transformer``, ``diagnose``, ``spikes``) have twins of the same names in
 :mod:`gradtools.keras`, and the public names match wherever the concept is shared.
 """
 
@@ -26,12 +26,13 @@ from gradtools.torch.monitor import Monitor
 from gradtools.torch.norms import GradStats, get_total_norm, grad_stats, snapshot, update_ratios
 from gradtools.torch.optim import make_optimizer, train, update_sizes
 from gradtools.torch.schedules import Warmup, learning_rates
+from gradtools.torch.spikes import SPAM, AdaGC, clip_grad_norm_per_tensor_, compare_defences
 from gradtools.torch.sharpness import hessian_vector_product, top_hessian_eigenvalue
 from gradtools.torch.transformer import CausalSelfAttention, Transformer, transformer, z_loss
 from gradtools.torch.toys import activation_gradients, rnn, rnn_input_gradients, sgd_on_quadratic, sharpness_during_gd
 
 __all__ = [
-    "Accumulator", "activation_gradients", "adaptive_clip_grad_", "AttentionLogits", "CausalSelfAttention",
+    "Accumulator", "activation_gradients", "AdaGC", "clip_grad_norm_per_tensor_", "compare_defences", "SPAM", "adaptive_clip_grad_", "AttentionLogits", "CausalSelfAttention",
     "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "Clipper", "ClipResult", "direction_change",
     "get_total_norm", "grad_stats", "GradGuard", "GradStats", "GuardResult", "hessian_vector_product",
     "layer_gradients", "LayerGradients", "learning_rates", "lr_range_test", "LRRangeResult", "make_optimizer", "mlp",

@@ -42,6 +42,7 @@ class TorchOps:
         return torch.where(cond, a, b)
 
     sqrt = staticmethod(torch.sqrt)
+    cos = staticmethod(torch.cos)
     abs = staticmethod(torch.abs)
     isfinite = staticmethod(torch.isfinite)
 
