@@ -180,7 +180,8 @@ class SPAMSchedule:
 
     Defaults are the paper's: ``threshold`` 5000 (theta), ``reset_interval`` 500
     (Delta T), ``warmup_steps`` 150 (N); ``settle_steps`` 20 is the authors' code's
-    ``grad_accu_steps``. Stable-SPAM (arXiv 2502.17055) makes the thresholds
+    ``grad_accu_steps``; it must be at least 2, since at step 1 and at a reset ``v`` is 0
+    and every entry would be clipped to 0. Stable-SPAM (arXiv 2502.17055) makes the thresholds
     adaptive; it is not implemented here.
     """
 
@@ -193,7 +194,8 @@ class SPAMSchedule:
         _checks.positive("threshold", self.threshold)
         _checks.integer("reset_interval", self.reset_interval, minimum=1)
         _checks.integer("warmup_steps", self.warmup_steps, minimum=0)
-        _checks.integer("settle_steps", self.settle_steps, minimum=1)
+        # at least 2: at step 1 (and right after a reset) v is 0, and every entry would be clipped to 0
+        _checks.integer("settle_steps", self.settle_steps, minimum=2)
         if self.warmup_steps >= self.reset_interval:
             raise ValueError(f"warmup_steps must be < reset_interval ({self.reset_interval}), got "
                              f"{self.warmup_steps!r}")
@@ -329,7 +331,8 @@ def score_run(losses, clean, scenario: Scenario, tolerance: float = 0.1) -> dict
     ``final_rel`` (final loss over the clean run's; the final loss is the mean of the
     last tenth of the steps), ``steps_lost`` (steps after the first disturbed one
     until the smoothed curve is back within ``tolerance`` of the smoothed clean curve
-    for good; 0 if it never left, nan if it never came back) and the ``outcome``.
+    for good; 0 if it never left, nan if it never came back) and the ``outcome``
+    (in clean training, a run that lags and catches up is ``"unharmed"``).
     """
     losses = np.asarray(losses, dtype=np.float64)
     clean = np.asarray(clean, dtype=np.float64)
@@ -353,6 +356,8 @@ def score_run(losses, clean, scenario: Scenario, tolerance: float = 0.1) -> dict
     record = {"diverged": diverged, "final_loss": final, "final_rel": final / clean_final if finite else math.inf,
               "steps_lost": steps_lost}
     record["outcome"] = outcome(record)
+    if not scenario.disturbed and record["outcome"] == "recovered":
+        record["outcome"] = "unharmed"  # nothing to recover from: it lagged, then caught up
     return record
 
 
@@ -417,7 +422,7 @@ def scaled_settings(steps: int) -> dict:
     interval = max(20, steps // 4)
     return {"zclip_warmup": max(5, min(25, steps // 10)), "adagc_warmup": max(5, min(100, steps // 10)),
             "spam": SPAMSchedule(reset_interval=interval, warmup_steps=max(1, int(0.3 * interval)),
-                                 settle_steps=max(1, int(0.04 * interval))),
+                                 settle_steps=max(2, int(0.04 * interval))),
             "zskip_window": max(10, min(128, steps // 4)), "zskip_min_history": max(5, min(20, steps // 10))}
 
 

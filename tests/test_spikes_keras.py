@@ -192,7 +192,7 @@ def test_spam_compiles_with_xla():
         keras.utils.set_random_seed(0)
         m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(1)])
         m.compile(optimizer=gk.SPAM(keras.optimizers.Adam(1e-2), reset_interval=6, warmup_steps=2,
-                                    settle_steps=1), loss="mse", jit_compile=jit)
+                                    settle_steps=2), loss="mse", jit_compile=jit)
         m.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
         return m
 

@@ -145,14 +145,14 @@ class SPAM(GradOptimizer):
         threshold (float): theta, default 5000.
         reset_interval (int): Delta T, steps between momentum resets, default 500.
         warmup_steps (int): learning-rate warm-up after each reset, default 150.
-        settle_steps (int): steps after a reset (and at the start) with no clipping, default 20.
+        settle_steps (int): steps after a reset (and at the start) with no clipping, >= 2, default 20.
         **kwargs: :class:`~gradtools.keras.GradOptimizer`'s (``clip``, ``action``, ``spike``, ...).
 
     Example:
         >>> import keras, numpy as np
         >>> keras.utils.set_random_seed(0)
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-        >>> opt = SPAM(keras.optimizers.Adam(1e-2), reset_interval=4, warmup_steps=2, settle_steps=1)
+        >>> opt = SPAM(keras.optimizers.Adam(1e-2), reset_interval=4, warmup_steps=2, settle_steps=2)
         >>> model.compile(optimizer=opt, loss="mse")
         >>> _ = model.fit(np.ones((16, 3)), np.zeros((16, 1)), batch_size=4, verbose=0)
         >>> int(opt.iterations), opt.resets

@@ -159,12 +159,12 @@ class SPAM:
         threshold (float): theta, default 5000.
         reset_interval (int): Delta T, steps between momentum resets, default 500.
         warmup_steps (int): learning-rate warm-up after each reset, default 150.
-        settle_steps (int): steps after a reset (and at the start) with no clipping, default 20.
+        settle_steps (int): steps after a reset (and at the start) with no clipping, >= 2, default 20.
 
     Example:
         >>> m = torch.nn.Linear(2, 1)
         >>> opt = SPAM(torch.optim.Adam(m.parameters(), lr=0.1), reset_interval=3, warmup_steps=1,
-        ...            settle_steps=1)
+        ...            settle_steps=2)
         >>> for _ in range(3):
         ...     opt.zero_grad(); m(torch.ones(1, 2)).sum().backward(); opt.step()
         >>> float(opt.state[m.weight]["exp_avg"].abs().sum()) > 0, opt.resets
