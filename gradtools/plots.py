@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 __all__ = ["PALETTE", "loss_curves", "gradient_flow", "curves", "norm_history", "lr_range_curve",
            "quadratic_trajectory", "update_ratios", "sharpness_curve", "lr_schedules", "gradient_through_time",
-           "loss_surface"]
+           "loss_surface", "defence_matrix"]
 
 #: Colours used everywhere in the book.
 PALETTE = {
@@ -291,4 +291,56 @@ def loss_surface(W, B, loss, point=None, step=None, title: str = "Loss surface")
     ax.set_xlabel("recurrent weight w")
     ax.set_ylabel("bias b")
     ax.set_title(title)
+    return fig
+
+
+#: Colours of :data:`gradtools.spikes.OUTCOMES`, best to worst.
+OUTCOME_COLORS = {"unharmed": "#2CA02C", "recovered": "#BCBD22", "slowed": "#FF7F0E", "diverged": "#D62728"}
+
+
+def defence_matrix(records, title: str = "Spike defences", value: str = "final_rel", panels: str | None = None,
+                   figsize=None) -> Figure:
+    """Defence (rows) x scenario (columns), each cell coloured by its outcome and labelled with ``value``.
+
+    ``records`` is what ``compare_defences`` returns (a DataFrame or a list of dicts), or
+    rows read back from its CSV; ``panels`` names a column (e.g. ``"framework"``) to draw
+    one panel per value of it, side by side. Defences and scenarios keep their order of
+    first appearance.
+    """
+    rows = records.to_dict("records") if hasattr(records, "to_dict") else [dict(r) for r in records]
+    if not rows:
+        raise ValueError("records is empty: nothing to draw")
+    for key in ("defence", "scenario", "outcome"):
+        if key not in rows[0]:
+            raise ValueError(f"records need a {key!r} field, got {sorted(rows[0])}")
+    groups = list(dict.fromkeys(r[panels] for r in rows)) if panels else [None]
+    defences = list(dict.fromkeys(r["defence"] for r in rows))
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    width = 1.2 + 0.85 * len(scenarios) * len(groups)
+    fig = Figure(figsize=figsize or (max(6.4, width), 0.5 + 0.32 * len(defences)), layout="constrained")
+    axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
+    colours = {k: i for i, k in enumerate(OUTCOME_COLORS)}
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(list(OUTCOME_COLORS.values()))
+    for ax, group in zip(axes, groups):
+        grid = np.full((len(defences), len(scenarios)), np.nan)
+        for r in rows:
+            if panels and r[panels] != group:
+                continue
+            i, j = defences.index(r["defence"]), scenarios.index(r["scenario"])
+            grid[i, j] = colours[r["outcome"]]
+            v = r.get(value)
+            if v is not None and np.isfinite(float(v)):
+                ax.text(j, i, f"{float(v):.2f}", ha="center", va="center", fontsize=7)
+        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=len(OUTCOME_COLORS) - 0.5, aspect="auto")
+        ax.set_xticks(range(len(scenarios)), scenarios, rotation=35, ha="right", fontsize=8)
+        ax.set_yticks(range(len(defences)), defences, fontsize=8)
+        if group is not None:
+            ax.set_title(str(group), fontsize=9)
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in OUTCOME_COLORS.items()], loc="outside lower center",
+               ncols=len(OUTCOME_COLORS), fontsize=8)
+    fig.suptitle(title)
     return fig
