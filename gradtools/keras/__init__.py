@@ -3,7 +3,7 @@
 Importing this module imports Keras quietly and changes nothing global (see
 :mod:`gradtools.runtime`). The modules mirror :mod:`gradtools.torch` one for one:
 ``norms``, ``clip``, ``guard``, ``accumulate``, ``monitor``, ``lr_range``,
-``sharpness``, ``flow``, ``models``, ``toys``, ``optim``, ``schedules``, ``transformer`` and ``diagnose``; shared names mean the same thing in both.
+``sharpness``, ``flow``, ``models``, ``toys``, ``optim``, ``schedules``, ``transformer``, ``diagnose`` and ``spikes``; shared names mean the same thing in both.
 Where PyTorch changes gradients in place (``clip_grad_norm_``), Keras returns them
 (``clip_grad_norm``), since Keras gradients are values. The Keras idiom adds
 :class:`GradOptimizer`, which composes the guard, a clipper, AGC and accumulation
