@@ -61,8 +61,10 @@ def clip_grad_norm_per_tensor(grads, max_norm: float):
         >>> import numpy as np
         >>> grads = [np.full((2, 2), 3.0, np.float32), np.full(2, 0.25, np.float32)]
         >>> clipped, norms = clip_grad_norm_per_tensor(grads, 1.0)
-        >>> norms.numpy().round(4).tolist(), [round(float(tf.norm(g)), 4) for g in clipped]
-        ([6.0, 0.3536], [1.0, 0.3536])
+        >>> norms.numpy().round(4).tolist()
+        [6.0, 0.3536]
+        >>> [round(float(tf.norm(g)), 4) for g in clipped]
+        [1.0, 0.3536]
     """
     max_norm = _checks.positive("max_norm", max_norm)
     grads = _dense(grads)
@@ -152,7 +154,8 @@ class SPAM(GradOptimizer):
         >>> import keras, numpy as np
         >>> keras.utils.set_random_seed(0)
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-        >>> opt = SPAM(keras.optimizers.Adam(1e-2), reset_interval=4, warmup_steps=2, settle_steps=2)
+        >>> adam = keras.optimizers.Adam(1e-2)
+        >>> opt = SPAM(adam, reset_interval=4, warmup_steps=2, settle_steps=2)
         >>> model.compile(optimizer=opt, loss="mse")
         >>> _ = model.fit(np.ones((16, 3)), np.zeros((16, 1)), batch_size=4, verbose=0)
         >>> int(opt.iterations), opt.resets

@@ -97,7 +97,7 @@ class AdaGC:
         [1.0, 1.0]
         >>> m.weight.grad.mul_(10.0)
         tensor(...)
-        >>> [round(f, 3) for f in adagc(m).tolist()]  # the weight's 10x spike pulled back
+        >>> [round(f, 3) for f in adagc(m).tolist()]  # the weight's 10x spike
         [0.105, 1.0]
     """
 
@@ -163,8 +163,8 @@ class SPAM:
 
     Example:
         >>> m = torch.nn.Linear(2, 1)
-        >>> opt = SPAM(torch.optim.Adam(m.parameters(), lr=0.1), reset_interval=3, warmup_steps=1,
-        ...            settle_steps=2)
+        >>> adam = torch.optim.Adam(m.parameters(), lr=0.1)
+        >>> opt = SPAM(adam, reset_interval=3, warmup_steps=1, settle_steps=2)
         >>> for _ in range(3):
         ...     opt.zero_grad(); m(torch.ones(1, 2)).sum().backward(); opt.step()
         >>> float(opt.state[m.weight]["exp_avg"].abs().sum()) > 0, opt.resets
