@@ -35,8 +35,6 @@ FIELDS = ["framework", "model", "scenario", "defence", "outcome", "diverged", "f
 
 
 def mlp_problem(framework: str, steps: int):
-    import numpy as np
-
     from gradtools.data import teacher_student
     from gradtools.models import init_mlp
 

@@ -27,7 +27,7 @@ from gradtools import _checks
 from gradtools._ops import NUMPY
 from gradtools.policies import Stateful
 
-__all__ = ["AdaGC", "SPAMSchedule", "spam_clip", "clipnorm_factors", "Scenario", "default_scenarios",
+__all__ = ["AdaGC", "AdaGCBase", "SPAMSchedule", "spam_clip", "clipnorm_factors", "Scenario", "default_scenarios",
            "score_run", "table", "DEFENCES", "OUTCOMES", "outcome"]
 
 INF = math.inf
@@ -158,6 +158,28 @@ class AdaGC(Stateful):
             raise ValueError(f"norms must be a non-empty 1-D sequence of per-tensor norms, got shape {norms.shape}")
         self.resize(norms.size)
         return np.asarray(self._host_step(self.update, norms, NUMPY))
+
+
+class AdaGCBase:
+    """What ``gradtools.torch.AdaGC`` and ``gradtools.keras.AdaGC`` share: an :class:`AdaGC`
+    policy (given, or built from ``**settings``) and its state dict; each framework's
+    subclass measures, runs ``policy.update`` in its own operations and rescales."""
+
+    def __init__(self, policy: AdaGC | None = None, **settings):
+        if policy is not None and settings:
+            raise ValueError(f"give either policy or settings, not both (got settings {sorted(settings)})")
+        if policy is not None and not isinstance(policy, AdaGC):
+            raise TypeError(f"policy must be a gradtools.spikes.AdaGC, got {type(policy).__name__}")
+        self.policy = policy if policy is not None else AdaGC(**settings)
+
+    def state_dict(self) -> dict:
+        return self.policy.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.policy.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.policy!r})"
 
 
 @dataclass(frozen=True)
@@ -424,6 +446,25 @@ def scaled_settings(steps: int) -> dict:
             "spam": SPAMSchedule(reset_interval=interval, warmup_steps=max(1, int(0.3 * interval)),
                                  settle_steps=max(2, int(0.04 * interval))),
             "zskip_window": max(10, min(128, steps // 4)), "zskip_min_history": max(5, min(20, steps // 10))}
+
+
+def comparison_arguments(model_fn, batches, loss_fn, steps, lr, seed, loss_signature: str) -> tuple:
+    """Check what both frameworks' ``compare_defences`` take; returns ``(steps, lr, seed)``."""
+    lr = _checks.positive("lr", lr)
+    seed = _checks.integer("seed", seed)
+    steps = _checks.integer("steps", steps, minimum=10)
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be a callable that builds a model, got {type(model_fn).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable {loss_signature}, got {type(loss_fn).__name__}")
+    if not callable(batches) and not len(batches):
+        raise ValueError("batches must be a callable batches(step) or a non-empty sequence of (x, y)")
+    return steps, lr, seed
+
+
+def batch_at(batches, step: int):
+    """Step ``step``'s ``(x, y)``: ``batches(step)``, or the sequence's entries in turn."""
+    return batches(step) if callable(batches) else batches[step % len(batches)]
 
 
 def compare(run_one, framework: str, steps: int, scenarios=None, defences=DEFENCES, thresholds=None,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch  # noqa: E402
 
 import gradtools.keras as gk  # noqa: E402
 import gradtools.torch as gt  # noqa: E402
-from gradtools.spikes import AdaGC, Scenario, SPAMSchedule  # noqa: E402
+from gradtools.spikes import Scenario, SPAMSchedule  # noqa: E402
 from test_spikes import _tensor_sequence, _torch_adagc_factors, _torch_spam_run, adagc_reference  # noqa: E402
 from test_spikes import adam_spam_reference, gradient_sequence  # noqa: E402
 

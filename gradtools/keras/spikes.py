@@ -73,7 +73,7 @@ def clip_grad_norm_per_tensor(grads, max_norm: float):
     return [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(grads)], norms
 
 
-class AdaGC:
+class AdaGC(_spikes.AdaGCBase):
     """AdaGC (Wang et al. 2025, arXiv 2502.11034): clip each tensor against the EMA of its own clipped norms.
 
     The rule and its defaults are :class:`gradtools.spikes.AdaGC`'s, run with
@@ -97,13 +97,6 @@ class AdaGC:
         [0.105, 1.0]
     """
 
-    def __init__(self, policy: _spikes.AdaGC | None = None, **settings):
-        if policy is not None and settings:
-            raise ValueError(f"give either policy or settings, not both (got settings {sorted(settings)})")
-        if policy is not None and not isinstance(policy, _spikes.AdaGC):
-            raise TypeError(f"policy must be a gradtools.spikes.AdaGC, got {type(policy).__name__}")
-        self.policy = policy if policy is not None else _spikes.AdaGC(**settings)
-
     def __call__(self, grads):
         """``(clipped, factors)`` for this step's gradients; the state moves on."""
         grads = _dense(grads)
@@ -117,14 +110,6 @@ class AdaGC:
         TENSORFLOW.assign(state, new)
         return [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(grads)], factors
 
-    def state_dict(self) -> dict:
-        return self.policy.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.policy.load_state_dict(state_dict)
-
-    def __repr__(self) -> str:
-        return f"AdaGC({self.policy!r})"
 
 
 @keras.saving.register_keras_serializable(package="gradtools")
@@ -203,17 +188,13 @@ class SPAM(GradOptimizer):
 
 
 # ---------------------------------------------------------------------- the comparison
-def _batch(batches, step: int):
-    return batches(step) if callable(batches) else batches[step % len(batches)]
-
-
 def _second_moments(adam, variables) -> list:
     return [np.array(adam._velocities[adam._get_variable_index(v)].numpy()) for v in variables]
 
 
 def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, scenario, limits):
     model = model_fn()
-    x0, _ = _batch(batches, 0)
+    x0, _ = _spikes.batch_at(batches, 0)
     if not model.built:
         model(x0[:1])
     model.set_weights(init)
@@ -269,7 +250,7 @@ def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, sce
         if lr * scenario.lr_at(t) != lr_now:
             lr_now = lr * scenario.lr_at(t)
             adam.learning_rate = lr_now
-        x, y = _batch(batches, t)
+        x, y = _spikes.batch_at(batches, t)
         c = scenario.corrupt_at(t)
         if disturbed and t == disturbed[0]:
             v_before = _second_moments(adam, variables)
@@ -316,19 +297,12 @@ def compare_defences(model_fn, batches, loss_fn, *, steps: int = 200, lr: float 
         The records of :func:`gradtools.torch.compare_defences` (a pandas DataFrame when pandas
         is installed).
     """
-    lr = _checks.positive("lr", lr)
-    seed = _checks.integer("seed", seed)
-    steps = _checks.integer("steps", steps, minimum=10)
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be a callable that builds a model, got {type(model_fn).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a callable loss_fn(y, outputs), got {type(loss_fn).__name__}")
-    if not callable(batches) and not len(batches):
-        raise ValueError("batches must be a callable batches(step) or a non-empty sequence of (x, y)")
+    steps, lr, seed = _spikes.comparison_arguments(model_fn, batches, loss_fn, steps, lr, seed,
+                                                   "loss_fn(y, outputs)")
     keras.utils.set_random_seed(seed)
     model = model_fn()
     if not model.built:
-        model(_batch(batches, 0)[0][:1])
+        model(_spikes.batch_at(batches, 0)[0][:1])
     init = model.get_weights()
     settings = _spikes.scaled_settings(steps)
 

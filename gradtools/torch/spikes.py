@@ -75,7 +75,7 @@ def clip_grad_norm_per_tensor_(parameters, max_norm: float) -> torch.Tensor:
     return norms
 
 
-class AdaGC:
+class AdaGC(_spikes.AdaGCBase):
     """AdaGC (Wang et al. 2025, arXiv 2502.11034): clip each tensor against the EMA of its own clipped norms.
 
     The rule and its defaults are :class:`gradtools.spikes.AdaGC`'s (``lambda_rel``
@@ -101,13 +101,6 @@ class AdaGC:
         [0.105, 1.0]
     """
 
-    def __init__(self, policy: _spikes.AdaGC | None = None, **settings):
-        if policy is not None and settings:
-            raise ValueError(f"give either policy or settings, not both (got settings {sorted(settings)})")
-        if policy is not None and not isinstance(policy, _spikes.AdaGC):
-            raise TypeError(f"policy must be a gradtools.spikes.AdaGC, got {type(policy).__name__}")
-        self.policy = policy if policy is not None else _spikes.AdaGC(**settings)
-
     @torch.no_grad()
     def __call__(self, parameters) -> torch.Tensor:
         """Clip this step's gradients in place; returns the factors applied (a float64 vector)."""
@@ -124,14 +117,6 @@ class AdaGC:
             g.mul_(f.to(g.dtype))
         return factors
 
-    def state_dict(self) -> dict:
-        return self.policy.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.policy.load_state_dict(state_dict)
-
-    def __repr__(self) -> str:
-        return f"AdaGC({self.policy!r})"
 
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -245,10 +230,6 @@ class SPAM:
 
 
 # ---------------------------------------------------------------------- the comparison
-def _batch(batches, step: int):
-    return batches(step) if callable(batches) else batches[step % len(batches)]
-
-
 def _second_moments(optimizer, params) -> list:
     return [optimizer.state[p]["exp_avg_sq"].detach().clone() if "exp_avg_sq" in optimizer.state.get(p, {})
             else torch.zeros_like(p) for p in params]
@@ -293,7 +274,7 @@ def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, sce
         start = time.perf_counter()
         for g in adam.param_groups:
             g["lr"] = lr * scenario.lr_at(t)
-        x, y = _batch(batches, t)
+        x, y = _spikes.batch_at(batches, t)
         c = scenario.corrupt_at(t)
         loss = loss_fn(model(x * c if c != 1.0 else x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -369,15 +350,8 @@ def compare_defences(model_fn, batches, loss_fn, *, steps: int = 200, lr: float 
         disturbance over before it, Adam's second moment), ``skipped`` and ``time_rel``
         (median time per step over ``none``'s in the same scenario).
     """
-    lr = _checks.positive("lr", lr)
-    seed = _checks.integer("seed", seed)
-    steps = _checks.integer("steps", steps, minimum=10)
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be a callable that builds a model, got {type(model_fn).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a callable loss_fn(outputs, y), got {type(loss_fn).__name__}")
-    if not callable(batches) and not len(batches):
-        raise ValueError("batches must be a callable batches(step) or a non-empty sequence of (x, y)")
+    steps, lr, seed = _spikes.comparison_arguments(model_fn, batches, loss_fn, steps, lr, seed,
+                                                   "loss_fn(outputs, y)")
     torch.manual_seed(seed)
     init = copy.deepcopy(model_fn().state_dict())
     settings = _spikes.scaled_settings(steps)
