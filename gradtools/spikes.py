@@ -459,6 +459,12 @@ def comparison_arguments(model_fn, batches, loss_fn, steps, lr, seed, loss_signa
         raise TypeError(f"loss_fn must be a callable {loss_signature}, got {type(loss_fn).__name__}")
     if not callable(batches) and not len(batches):
         raise ValueError("batches must be a callable batches(step) or a non-empty sequence of (x, y)")
+    first = batch_at(batches, 0)
+    if not isinstance(first, (tuple, list)) or len(first) != 2:
+        where = "batches(0)" if callable(batches) else "batches[0]"
+        raise ValueError(f"{where} must be an (x, y) pair, got {type(first).__name__}"
+                         + (f" of length {len(first)}" if hasattr(first, "__len__") else "")
+                         + ": pass a list of (x, y) batches, or a function of the step that returns one")
     return steps, lr, seed
 
 
@@ -477,6 +483,9 @@ def compare(run_one, framework: str, steps: int, scenarios=None, defences=DEFENC
     ``thresholds`` gives them.
     """
     steps = _checks.integer("steps", steps, minimum=10)
+    if isinstance(scenarios, Scenario):
+        raise TypeError(f"scenarios must be a list of Scenario, got one Scenario ({scenarios.name!r}): "
+                        "wrap it in a list")
     scenarios = default_scenarios(steps, spike_tensor) if scenarios is None else list(scenarios)
     if not scenarios or not all(isinstance(s, Scenario) for s in scenarios):
         raise TypeError(f"scenarios must be a non-empty list of gradtools.spikes.Scenario, got {scenarios!r}")
@@ -489,6 +498,16 @@ def compare(run_one, framework: str, steps: int, scenarios=None, defences=DEFENC
         bad = [t for t in s.disturbed if t >= steps]
         if bad:
             raise ValueError(f"scenario {s.name!r} disturbs step {bad[0]}, but the runs have steps={steps}")
+    fixed = [d for d in defences if d in ("global_norm", "clipnorm", "value")]
+    if thresholds is not None:
+        if not isinstance(thresholds, dict):
+            raise TypeError(f"thresholds must be a dict of the fixed defences' thresholds, got {thresholds!r}")
+        missing = [d for d in fixed if d not in thresholds]
+        if missing:
+            raise ValueError(f"thresholds has no value for {missing}, which defences holds: give "
+                             f"{fixed} (or thresholds=None, calibrated on the clean run)")
+        for d in fixed:
+            _checks.positive(f"thresholds[{d!r}]", thresholds[d])
     clean = Scenario("clean")
     baseline = run_one("none", clean, {})
     if not np.all(np.isfinite(baseline.losses)):

@@ -391,3 +391,35 @@ def test_compare_defences_bad_arguments():
     with pytest.raises(ValueError, match="spike_tensor"):
         compare_defences(model_fn, batches, loss, steps=20, defences=["none"],
                          scenarios=[Scenario("s", spike_steps=(3,), spike_tensor=9)])
+
+
+def test_compare_defences_names_what_is_wrong():
+    from gradtools.torch import compare_defences
+
+    model_fn, batches, loss = _torch_problem()
+    with pytest.raises(ValueError, match=r"thresholds has no value for \['clipnorm'\]"):
+        compare_defences(model_fn, batches, loss, steps=20, defences=["none", "clipnorm"],
+                         thresholds={"global_norm": 1.0})
+    with pytest.raises(ValueError, match=r"thresholds\['value'\]"):
+        compare_defences(model_fn, batches, loss, steps=20, defences=["value"], thresholds={"value": -1.0})
+    with pytest.raises(TypeError, match="model_fn must build a fresh model"):
+        compare_defences(model_fn(), batches, loss, steps=20)
+    with pytest.raises(ValueError, match=r"batches\[0\] must be an \(x, y\) pair"):
+        compare_defences(model_fn, batches[0], loss, steps=20)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        compare_defences(model_fn, batches, loss, steps=20, scenarios=Scenario("x"))
+
+
+def test_torch_spam_under_a_scheduler_and_with_a_new_group():
+    from gradtools.torch import SPAM
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = SPAM(torch.optim.Adam([p], lr=0.1), reset_interval=4, warmup_steps=2, settle_steps=2)
+    opt.add_param_group({"params": [q], "lr": 0.05})
+    sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
+    for step in range(6):
+        p.grad, q.grad = torch.ones(3), torch.ones(2)
+        opt.step()
+        sched.step()
+        assert [g["lr"] for g in opt.param_groups] == [0.1 * 0.5 ** (step + 1), 0.05 * 0.5 ** (step + 1)]
+    assert opt.resets == 1 and "exp_avg" in opt.state[q]

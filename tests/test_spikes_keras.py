@@ -199,3 +199,10 @@ def test_spam_compiles_with_xla():
     assert xla.jit_compile and int(xla.optimizer.iterations) == 16
     for a, b in zip(xla.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_tensor_is_one_tensor():
+    g = tf.ones((3, 4))
+    clipped, norms = gk.clip_grad_norm_per_tensor(g, 1.0)
+    assert norms.shape == (1,) and abs(float(tf.norm(clipped[0])) - 1.0) < 1e-6
+    assert gk.AdaGC(warmup_steps=1)(g)[1].shape == (1,)

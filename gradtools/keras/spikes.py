@@ -37,6 +37,8 @@ __all__ = ["clip_grad_norm_per_tensor", "AdaGC", "SPAM", "compare_defences"]
 
 
 def _dense(grads) -> list:
+    if hasattr(grads, "shape"):  # one tensor, not a list of them: iterating would split its rows
+        grads = [grads]
     grads = list(grads)
     if not grads or any(g is None for g in grads):
         raise ValueError(f"grads must be a non-empty list of gradient tensors without None, got {len(grads)} "
@@ -237,10 +239,6 @@ def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, sce
         optimizer.apply(grads, variables)
         return loss, stats
 
-    @tf.function
-    def evaluate(x, y):
-        return loss_fn(y, model(x, training=False))
-
     losses = np.full(steps, np.nan)
     times, stats, lr_now = [], [], lr
     disturbed = scenario.disturbed
@@ -255,8 +253,8 @@ def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, sce
         if disturbed and t == disturbed[0]:
             v_before = _second_moments(adam, variables)
         loss, st = train(x * c if c != 1.0 else x, y, tf.constant(scenario.spike_at(t), tf.float32))
-        if c != 1.0:
-            loss = evaluate(x, y)
+        if c != 1.0:  # the clean batch's loss, eagerly: a few steps, no retracing
+            loss = loss_fn(y, model(x, training=False))
         value = float(loss)  # the curve is the point: one read per step, in every run alike
         losses[t] = value
         if disturbed and t == disturbed[-1]:
@@ -297,6 +295,9 @@ def compare_defences(model_fn, batches, loss_fn, *, steps: int = 200, lr: float 
         The records of :func:`gradtools.torch.compare_defences` (a pandas DataFrame when pandas
         is installed).
     """
+    if isinstance(model_fn, keras.Model):
+        raise TypeError(f"model_fn must build a fresh model each call (e.g. lambda: make_model()), got a "
+                        f"{type(model_fn).__name__} instance: every run starts from the same weights")
     steps, lr, seed = _spikes.comparison_arguments(model_fn, batches, loss_fn, steps, lr, seed,
                                                    "loss_fn(y, outputs)")
     keras.utils.set_random_seed(seed)

@@ -135,9 +135,11 @@ class SPAM:
     optimizer's bias-correction step count is left alone, as in the authors' code.
 
     It stands in for the optimizer: ``param_groups``, ``state``, ``zero_grad()``,
-    and a ``state_dict()`` that holds the optimizer's and SPAM's step count, so a run
-    resumed from it takes the same resets and clips. Nothing is read back to the
-    host: the schedule depends only on the step count.
+    ``add_param_group()``, and a ``state_dict()`` that holds the optimizer's and SPAM's
+    step count, so a run resumed from it takes the same resets and clips. Nothing is
+    read back to the host: the schedule depends only on the step count. A learning-rate
+    scheduler takes the wrapped optimizer, ``StepLR(opt.optimizer, ...)``: SPAM's
+    warm-up scales the rate the scheduler set, for one step, and puts it back.
 
     Args:
         optimizer (torch.optim.Adam or torch.optim.AdamW): the optimizer whose moments SPAM uses.
@@ -173,6 +175,9 @@ class SPAM:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
 
     def _pairs(self):
         for group in self.optimizer.param_groups:
@@ -279,9 +284,11 @@ def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, sce
         loss = loss_fn(model(x * c if c != 1.0 else x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if c != 1.0:
+        if c != 1.0:  # the clean batch's loss, in evaluation mode (no batch-norm statistics move)
+            model.eval()
             with torch.no_grad():
                 loss = loss_fn(model(x), y)
+            model.train()
         value = float(loss.detach())  # the curve is the point: one read per step, in every run alike
         losses[t] = value
         if not np.isfinite(value):
@@ -350,6 +357,9 @@ def compare_defences(model_fn, batches, loss_fn, *, steps: int = 200, lr: float 
         disturbance over before it, Adam's second moment), ``skipped`` and ``time_rel``
         (median time per step over ``none``'s in the same scenario).
     """
+    if isinstance(model_fn, torch.nn.Module):
+        raise TypeError(f"model_fn must build a fresh model each call (e.g. lambda: MyNet()), got a "
+                        f"{type(model_fn).__name__} instance: every run starts from the same weights")
     steps, lr, seed = _spikes.comparison_arguments(model_fn, batches, loss_fn, steps, lr, seed,
                                                    "loss_fn(outputs, y)")
     torch.manual_seed(seed)
