@@ -19,7 +19,7 @@ share: the scenarios a run is disturbed by and the numbers that judge it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -282,7 +282,6 @@ class Scenario:
     corrupt_scale: float = 1.0
     lr_scale: float = 1.0
     lr_steps: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:

@@ -25,6 +25,7 @@ from gradtools import _checks
 from gradtools import spikes as _spikes
 from gradtools.keras._ops import TENSORFLOW
 from gradtools.keras.clip import adaptive_clip_grad
+from gradtools.keras.norms import _norms
 from gradtools.keras.optimizer import GradOptimizer
 from gradtools.policies import AutoClip, SpikeDetector, ZClip
 from gradtools.runtime import import_keras
@@ -47,7 +48,8 @@ def _dense(grads) -> list:
 
 
 def _norms64(grads) -> tf.Tensor:
-    return tf.stack([tf.cast(tf.norm(tf.cast(g, tf.float32)), tf.float64) for g in grads])
+    """Per-tensor norms, float64 (the guard's measurement: overflow-safe)."""
+    return tf.cast(_norms(grads)[0], tf.float64)
 
 
 def clip_grad_norm_per_tensor(grads, max_norm: float):

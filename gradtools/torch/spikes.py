@@ -25,9 +25,11 @@ import torch
 from gradtools import _checks
 from gradtools import spikes as _spikes
 from gradtools.policies import AutoClip, SpikeDetector, ZClip
-from gradtools.spikes import NUMPY, SPAMSchedule, clipnorm_factors, spam_clip
+from gradtools._ops import NUMPY
+from gradtools.spikes import SPAMSchedule, clipnorm_factors, spam_clip
 from gradtools.torch._ops import ops_on
 from gradtools.torch.clip import Clipper, _grads_for_clip, _once, adaptive_clip_grad_
+from gradtools.torch.norms import measure
 
 __all__ = ["clip_grad_norm_per_tensor_", "AdaGC", "SPAM", "compare_defences"]
 
@@ -37,7 +39,8 @@ def _grads(parameters) -> list:
 
 
 def _norms64(grads) -> torch.Tensor:
-    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(torch.float64) for g in grads])
+    """Per-tensor norms, float64 (the guard's measurement: foreach kernels, overflow-safe)."""
+    return measure(grads)[0].to(torch.float64)
 
 
 @torch.no_grad()
