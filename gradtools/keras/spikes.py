@@ -175,20 +175,33 @@ class SPAM(GradOptimizer):
         reset, clip, factor = self.schedule.at(step, TENSORFLOW)
         index = [inner._get_variable_index(v) for v in variables]
         slots = [inner._momentums, inner._velocities] + ([inner._velocity_hats] if inner.amsgrad else [])
-        for kind in slots:
-            for i in index:
-                kind[i].assign(tf.where(reset, tf.zeros_like(kind[i]), kind[i]))
+
+        def zero_moments():
+            for kind in slots:
+                for i in index:
+                    kind[i].assign(tf.zeros_like(kind[i]))
+            return tf.constant(True)
+
+        tf.cond(reset, zero_moments, lambda: tf.constant(False))  # a pass over the moments on reset steps only
         clipped = []
         for g, i in zip(grads, index):
             g = tf.convert_to_tensor(g)
             v = tf.cast(tf.convert_to_tensor(inner._velocities[i]), g.dtype)
             clipped.append(tf.where(clip, spam_clip(g, v, self.schedule.threshold, TENSORFLOW)[0], g))
-        before = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
-        super()._inner_apply(clipped, variables, strategy)
-        for v, old in zip(variables, before):
-            f = tf.cast(factor, old.dtype)
-            new = tf.convert_to_tensor(v)
-            v.assign(tf.where(factor < 1.0, old + f * (new - old), new))
+        apply = super()._inner_apply
+
+        def warming():  # the update is linear in the learning rate: scale the step the inner optimizer took
+            before = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+            apply(clipped, variables, strategy)
+            for v, old in zip(variables, before):
+                v.assign(old + tf.cast(factor, old.dtype) * (tf.convert_to_tensor(v) - old))
+            return tf.constant(True)
+
+        def plain():  # no copy of the weights outside the warm-up
+            apply(clipped, variables, strategy)
+            return tf.constant(True)
+
+        tf.cond(factor < 1.0, warming, plain)
 
 
 # ---------------------------------------------------------------------- the comparison
@@ -226,15 +239,18 @@ def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, sce
         transform = lambda grads: adagc(grads)[0]  # noqa: E731
     optimizer.build(variables)
     k = scenario.spike_tensor
+    calibrating = defence == "none" and not scenario.disturbed
 
     @tf.function
     def train(x, y, spike):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
         grads = tape.gradient(loss, variables)
-        norms = tf.stack([tf.norm(g) for g in grads])
-        stats = tf.stack([tf.norm(norms), tf.reduce_max(norms),
-                          tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))])
+        stats = tf.zeros(3)
+        if calibrating:  # the clean run without a defence: the statistics the thresholds come from
+            norms, total = _norms(grads)
+            stats = tf.stack([total, tf.reduce_max(norms),
+                              tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))])
         grads = [g * spike if i == k else g for i, g in enumerate(grads)]
         if transform is not None:
             grads = transform(grads)
@@ -264,7 +280,7 @@ def _run_one(model_fn, init, batches, loss_fn, steps, lr, settings, defence, sce
         times.append(time.perf_counter() - start)
         if not np.isfinite(value):
             break
-        if defence == "none" and not disturbed:
+        if calibrating:
             stats.append(st.numpy())
     skipped = int(optimizer.skipped.numpy()) if isinstance(optimizer, GradOptimizer) else 0
     step_time = float(np.median(times[3:])) if len(times) > 3 else float("nan")
